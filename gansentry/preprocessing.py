@@ -1,0 +1,202 @@
+"""Input preprocessing shared by training and serving.
+
+Training loaders and the service both turn raw inputs into model inputs through these
+functions, so a digit scored by `POST /score` sees exactly the pixels `gansentry
+evaluate` saw, and a KDD record the same one-hot and scaling."""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from gansentry.manifest import Column, ImageInput, TabularPreprocessing
+
+RESAMPLE = Image.Resampling.BILINEAR
+DEFAULT_MAX_PIXELS = 16_000_000
+
+
+class InputError(ValueError):
+    """A single input is unusable; the message says why, in words fit for an API client."""
+
+
+# ---------------------------------------------------------------- images
+
+
+def image_to_array(image: Image.Image, spec: ImageInput) -> np.ndarray:
+    """PIL image of any mode and size -> float32 [C, H, W] in [0, 1] at the model's size."""
+    mode = "L" if spec.channels == 1 else "RGB"
+    if image.mode != mode:
+        if image.mode in ("RGBA", "LA", "P") and mode == "L":
+            image = image.convert("RGBA").convert("L")
+        image = image.convert(mode)
+    if image.size != (spec.width, spec.height):
+        image = image.resize((spec.width, spec.height), RESAMPLE)
+    arr = np.asarray(image, dtype=np.float32) / 255.0
+    if arr.ndim == 2:
+        arr = arr[None]
+    else:
+        arr = arr.transpose(2, 0, 1)
+    return np.ascontiguousarray(arr)
+
+
+def uint8_batch_to_array(images: np.ndarray, spec: ImageInput) -> np.ndarray:
+    """uint8 [N, H, W] or [N, H, W, C] -> float32 [N, C, H, W] through `image_to_array`,
+    the very path the service takes for a decoded PNG."""
+    if images.ndim == 3:
+        images = images[..., None]
+    n, h, w, c = images.shape
+    if (h, w) == (spec.height, spec.width) and c == spec.channels:
+        return (images.astype(np.float32) / 255.0).transpose(0, 3, 1, 2).copy()
+    out = np.empty((n, *spec.shape), dtype=np.float32)
+    for i in range(n):
+        img = images[i, :, :, 0] if c == 1 else images[i]
+        out[i] = image_to_array(Image.fromarray(img), spec)
+    return out
+
+
+def decode_image(data: bytes, spec: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Encoded PNG/JPEG bytes -> model input. Refuses images over `max_pixels` before
+    decoding the pixel data, so a decompression bomb costs nothing."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            w, h = img.size
+            if w * h > max_pixels:
+                raise InputError(
+                    f"image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels}"
+                )
+            img.load()
+            return image_to_array(img, spec)
+    except InputError:
+        raise
+    except (
+        UnidentifiedImageError,
+        OSError,
+        SyntaxError,
+        ValueError,
+        Image.DecompressionBombError,
+    ) as e:
+        raise InputError(f"cannot decode image: {e}") from e
+
+
+def decode_base64_image(
+    text: str, spec: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
+    if text.startswith("data:"):
+        text = text.split(",", 1)[-1]
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (ValueError, TypeError) as e:
+        raise InputError(f"image is not valid base64: {e}") from e
+    return decode_image(data, spec, max_pixels)
+
+
+def array_to_png(arr: np.ndarray) -> bytes:
+    """float [C, H, W] in [0, 1] -> PNG bytes (grey for 1 channel, RGB for 3)."""
+    pixels = np.clip(np.rint(np.asarray(arr, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)
+    img = (
+        Image.fromarray(pixels[0])
+        if pixels.shape[0] == 1
+        else Image.fromarray(pixels.transpose(1, 2, 0))
+    )
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def array_to_base64_png(arr: np.ndarray) -> str:
+    return base64.b64encode(array_to_png(arr)).decode("ascii")
+
+
+# ---------------------------------------------------------------- tabular
+
+
+def fit_tabular(
+    columns: Mapping[str, Sequence[object] | np.ndarray],
+    symbolic: Sequence[str],
+    scaling: str = "minmax",
+) -> TabularPreprocessing:
+    """Learn vocabularies and scaling from the training split's raw columns (in order)."""
+    specs: list[Column] = []
+    for name, values in columns.items():
+        if name in symbolic:
+            vocab = sorted({str(v) for v in values})
+            specs.append(Column(name=name, kind="symbolic", vocabulary=vocab))
+        else:
+            specs.append(Column(name=name, kind="numeric"))
+    unscaled = TabularPreprocessing(
+        columns=specs,
+        scaling="none",
+        offset=[0.0] * sum(c.width for c in specs),
+        scale=[1.0] * sum(c.width for c in specs),
+    )
+    x = encode_columns(columns, unscaled)
+    if scaling == "minmax":
+        lo, hi = x.min(axis=0), x.max(axis=0)
+        offset, scale = lo, np.where(hi - lo > 0, hi - lo, 1.0)
+    elif scaling == "standard":
+        mu, sd = x.mean(axis=0), x.std(axis=0)
+        offset, scale = mu, np.where(sd > 0, sd, 1.0)
+    elif scaling == "none":
+        offset, scale = np.zeros(x.shape[1]), np.ones(x.shape[1])
+    else:
+        raise ValueError(f"unknown scaling {scaling!r}; choose minmax, standard or none")
+    return TabularPreprocessing(
+        columns=specs,
+        scaling=scaling,  # type: ignore[arg-type]
+        offset=[float(v) for v in offset],
+        scale=[float(v) for v in scale],
+    )
+
+
+def encode_columns(
+    columns: Mapping[str, Sequence[object] | np.ndarray], prep: TabularPreprocessing
+) -> np.ndarray:
+    """Raw columns (name -> values, all the same length) -> float32 [N, F] model features."""
+    missing = [c.name for c in prep.columns if c.name not in columns]
+    if missing:
+        raise InputError(f"missing column(s): {', '.join(missing)}")
+    parts: list[np.ndarray] = []
+    for col in prep.columns:
+        values = columns[col.name]
+        if col.kind == "symbolic":
+            index = {v: i for i, v in enumerate(col.vocabulary or [])}
+            codes = np.array([index.get(str(v), -1) for v in values])
+            onehot = np.zeros((len(codes), col.width), dtype=np.float64)
+            seen = codes >= 0
+            onehot[np.nonzero(seen)[0], codes[seen]] = 1.0
+            parts.append(onehot)
+        else:
+            try:
+                num = np.asarray(values, dtype=np.float64)
+            except (TypeError, ValueError) as e:
+                raise InputError(f"column {col.name!r} must be numeric: {e}") from e
+            if not np.all(np.isfinite(num)):
+                raise InputError(f"column {col.name!r} contains NaN or Inf")
+            parts.append(num.reshape(-1, 1))
+    x = np.concatenate(parts, axis=1)
+    x = (x - np.asarray(prep.offset)) / np.asarray(prep.scale)
+    return x.astype(np.float32)
+
+
+def encode_record(record: Mapping[str, object], prep: TabularPreprocessing) -> np.ndarray:
+    """One raw record (field -> value) -> float32 [F]. Unknown or missing fields are errors
+    naming the field, because a silently dropped field is a silently wrong score."""
+    known = {c.name for c in prep.columns}
+    unknown = [k for k in record if k not in known]
+    if unknown:
+        raise InputError(f"unknown field(s): {', '.join(map(str, unknown))}")
+    for col in prep.columns:
+        if col.name not in record:
+            raise InputError(f"missing field {col.name!r}")
+        v = record[col.name]
+        if col.kind == "numeric":
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                raise InputError(f"field {col.name!r} must be a number, got {type(v).__name__}")
+            if not math.isfinite(v):
+                raise InputError(f"field {col.name!r} is NaN or Inf")
+    return encode_columns({k: [v] for k, v in record.items()}, prep)[0]

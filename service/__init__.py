@@ -1,0 +1,1 @@
+"""The serving half of gansentry. Nothing under this package may import torch."""

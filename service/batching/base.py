@@ -1,0 +1,75 @@
+"""The one interface every batching backend implements: the embedded in-process batcher
+and the Redis queue. The API only ever talks to a `Batcher`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+
+class BatchingError(Exception):
+    """Base class; each subclass maps to one HTTP status in the API."""
+
+    status_code = 500
+
+
+class QueueFull(BatchingError):
+    """Backpressure: answered 503 with Retry-After."""
+
+    status_code = 503
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class BackendUnavailable(BatchingError):
+    """Redis down, no live worker: answered 503 at once rather than hanging."""
+
+    status_code = 503
+
+
+class DeadlineExceeded(BatchingError):
+    """The request's deadline passed before it was computed: answered 504."""
+
+    status_code = 504
+
+
+class InferenceFailed(BatchingError):
+    """ONNX Runtime raised on this request's inputs (a poison input): answered 500."""
+
+    status_code = 500
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    name: str
+    version: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}:{self.version}"
+
+
+@dataclass(frozen=True)
+class Scored:
+    scores: np.ndarray  # float32 [n]
+    reconstructions: np.ndarray  # float32 [n, *sample_shape]
+
+
+class Batcher(Protocol):
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def submit(self, model: ModelRef, x: np.ndarray, deadline: float) -> Scored:
+        """Score `x` ([n, *sample_shape], float32, already validated) as part of whatever
+        batches the backend forms. `deadline` is a Unix time (time.time()): past it the
+        request fails with DeadlineExceeded and is not computed."""
+        ...
+
+    async def ready(self) -> tuple[bool, str]:
+        """(ready, reason): the backend can take requests now."""
+        ...

@@ -1,0 +1,97 @@
+"""Every Prometheus metric gansentry exports, in one place, so the API, the workers, the
+Grafana dashboard and the alert rules agree on names and labels.
+
+Scores differ in scale between models, so the drift histogram records score / threshold:
+1.0 is the decision boundary for every model."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+RATIO_BUCKETS = (0.1, 0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0)
+
+# --- API: requests
+REQUESTS = Counter(
+    "gansentry_requests_total", "Scoring requests by model and HTTP status", ["model", "status"]
+)
+REQUEST_LATENCY = Histogram(
+    "gansentry_request_duration_seconds",
+    "End-to-end latency of scoring requests",
+    ["model", "status"],
+    buckets=LATENCY_BUCKETS,
+)
+INPUTS = Counter("gansentry_inputs_total", "Inputs scored", ["model"])
+IN_FLIGHT = Gauge("gansentry_requests_in_flight", "Scoring requests being handled")
+
+# --- batching (embedded batcher in the API, or a worker)
+BATCH_SIZE = Histogram(
+    "gansentry_batch_size", "Items per ONNX Runtime call", ["model"], buckets=BATCH_BUCKETS
+)
+QUEUE_WAIT = Histogram(
+    "gansentry_queue_wait_seconds",
+    "Time from a request's arrival in the queue to the start of its batch",
+    ["model"],
+    buckets=LATENCY_BUCKETS,
+)
+INFERENCE_LATENCY = Histogram(
+    "gansentry_inference_duration_seconds",
+    "ONNX Runtime time per batch",
+    ["model", "provider"],
+    buckets=LATENCY_BUCKETS,
+)
+QUEUE_DEPTH = Gauge("gansentry_queue_depth", "Items waiting to be batched", ["model"])
+QUEUE_PENDING = Gauge(
+    "gansentry_queue_pending", "Redis entries delivered to a worker and not yet acked", ["model"]
+)
+REJECTED = Counter(
+    "gansentry_rejected_total", "Requests refused before inference", ["model", "reason"]
+)
+
+# --- model outputs, for drift
+SCORE_RATIO = Histogram(
+    "gansentry_score_ratio",
+    "Anomaly score divided by the model's threshold (above 1 = anomaly)",
+    ["model"],
+    buckets=RATIO_BUCKETS,
+)
+ANOMALIES = Counter("gansentry_anomalies_total", "Inputs flagged as anomalies", ["model"])
+MODEL_INFO = Gauge(
+    "gansentry_model_info",
+    "1 for each loaded model version, with what serves it",
+    ["model", "version", "architecture", "provider"],
+)
+
+# --- workers (Redis mode)
+WORKERS_ALIVE = Gauge("gansentry_workers_alive", "Workers with a live heartbeat in Redis")
+WORKER_HEARTBEAT = Gauge(
+    "gansentry_worker_heartbeat_timestamp_seconds", "Unix time of this worker's last heartbeat"
+)
+RECLAIMED = Counter(
+    "gansentry_reclaimed_total", "Queue entries taken over from a dead or stuck worker", ["model"]
+)
+WORKER_ERRORS = Counter(
+    "gansentry_worker_errors_total", "Worker failures by kind", ["model", "kind"]
+)
+EXPIRED = Counter(
+    "gansentry_expired_total", "Requests dropped because their deadline had passed", ["model"]
+)

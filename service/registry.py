@@ -1,0 +1,193 @@
+"""The model repository on disk (`models/NAME/VERSION/{model.onnx,manifest.json}`) as
+loaded ONNX Runtime sessions.
+
+A model is served only after its manifest parses, its sha256 matches, its graph honours
+the I/O contract and one real forward pass succeeds. A broken model is refused with one
+log line while the rest are served; a failed reload keeps the old version serving."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from pydantic import ValidationError
+
+from gansentry.contract import (
+    INPUT_NAME,
+    MANIFEST_FILE,
+    MODEL_FILE,
+    RECONSTRUCTION_NAME,
+    SCORE_NAME,
+    ContractError,
+    check_io,
+)
+from gansentry.manifest import Manifest, sha256_file
+from service.batching.base import ModelRef
+from service.providers import ProviderError, create_session
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class ModelNotFound(LookupError):
+    """Unknown model name or version: answered 404."""
+
+
+class ModelLoadError(Exception):
+    pass
+
+
+@dataclass
+class LoadedModel:
+    ref: ModelRef
+    manifest: Manifest
+    directory: Path
+    session: ort.InferenceSession
+    provider: str
+    sha256: str
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return self.manifest.input.shape
+
+    @property
+    def threshold(self) -> float:
+        return self.manifest.threshold.value
+
+    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One ONNX Runtime call on a batch. Thread-safe (ORT's Run is)."""
+        score, recon = self.session.run(
+            [SCORE_NAME, RECONSTRUCTION_NAME], {INPUT_NAME: np.ascontiguousarray(x, np.float32)}
+        )
+        return score.reshape(-1), recon
+
+
+def load_model(directory: Path, settings: Settings) -> LoadedModel:
+    """Load and verify one `models/NAME/VERSION` folder, or raise ModelLoadError."""
+    try:
+        manifest = Manifest.load(directory)
+    except FileNotFoundError as e:
+        raise ModelLoadError(f"no {MANIFEST_FILE}") from e
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ModelLoadError(f"invalid {MANIFEST_FILE}: {where}: {first['msg']}") from e
+    except ValueError as e:
+        raise ModelLoadError(f"invalid {MANIFEST_FILE}: {e}") from e
+    name, version = directory.parent.name, directory.name
+    if manifest.name != name or str(manifest.version) != version:
+        raise ModelLoadError(
+            f"manifest says {manifest.name}/{manifest.version} but the folder is {name}/{version}"
+        )
+    onnx_path = directory / MODEL_FILE
+    if not onnx_path.is_file():
+        raise ModelLoadError(f"no {MODEL_FILE}")
+    digest = sha256_file(onnx_path)
+    if digest != manifest.onnx.sha256:
+        raise ModelLoadError(
+            f"sha256 of {MODEL_FILE} is {digest[:12]}..., "
+            f"manifest says {manifest.onnx.sha256[:12]}..."
+        )
+    shape = manifest.input.shape
+    try:
+        session, provider = create_session(onnx_path, settings, shape)
+    except ProviderError:
+        raise
+    except Exception as e:  # ORT raises its own exception types for corrupt graphs
+        raise ModelLoadError(f"ONNX Runtime cannot load {MODEL_FILE}: {e}") from e
+    try:
+        check_io(session.get_inputs(), session.get_outputs(), shape)
+    except ContractError as e:
+        raise ModelLoadError(f"I/O contract: {e}") from e
+    model = LoadedModel(
+        ModelRef(name, int(version)), manifest, directory, session, provider, digest
+    )
+    try:
+        score, recon = model.run(np.zeros((1, *shape), np.float32))
+    except Exception as e:
+        raise ModelLoadError(f"test inference failed: {e}") from e
+    if score.shape != (1,) or recon.shape != (1, *shape):
+        raise ModelLoadError(
+            f"test inference gave score {score.shape} and reconstruction {recon.shape}, "
+            f"expected (1,) and {(1, *shape)}"
+        )
+    return model
+
+
+@dataclass
+class Registry:
+    """All versions of all models. Reads are lock-free (a dict swap on reload)."""
+
+    models_dir: Path
+    settings: Settings
+    models: dict[str, dict[int, LoadedModel]] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    _reload_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def load(self) -> Registry:
+        self.reload()
+        return self
+
+    def reload(self) -> dict[str, str]:
+        """Rescan the repository. Unchanged versions keep their sessions; a version that
+        no longer loads keeps serving its previous copy. Returns the errors by NAME/VERSION."""
+        with self._reload_lock:
+            new: dict[str, dict[int, LoadedModel]] = {}
+            errors: dict[str, str] = {}
+            for directory in sorted(self._version_dirs()):
+                key = f"{directory.parent.name}/{directory.name}"
+                old = self.models.get(directory.parent.name, {}).get(int(directory.name))
+                try:
+                    if old is not None and sha256_file(directory / MODEL_FILE) == old.sha256:
+                        if Manifest.load(directory) == old.manifest:
+                            model = old
+                        else:
+                            model = load_model(directory, self.settings)
+                    else:
+                        model = load_model(directory, self.settings)
+                except ProviderError:
+                    raise
+                except (ModelLoadError, OSError, ValueError) as e:
+                    errors[key] = str(e)
+                    log.error("refusing model %s: %s", key, e)
+                    if old is None:
+                        continue
+                    log.warning("keeping the previously loaded %s serving", key)
+                    model = old
+                new.setdefault(model.ref.name, {})[model.ref.version] = model
+            self.models, self.errors = new, errors
+            loaded = [f"{m.ref.key} ({m.provider})" for v in new.values() for m in v.values()]
+            log.info("serving %d model version(s): %s", len(loaded), ", ".join(loaded) or "none")
+            return errors
+
+    def _version_dirs(self) -> list[Path]:
+        root = Path(self.models_dir)
+        if not root.is_dir():
+            log.error("models directory %s does not exist", root)
+            return []
+        return [
+            v
+            for n in root.iterdir()
+            if n.is_dir() and not n.name.startswith(".")
+            for v in n.iterdir()
+            if v.is_dir() and v.name.isdigit()
+        ]
+
+    def get(self, name: str, version: int | None = None) -> LoadedModel:
+        versions = self.models.get(name)
+        if not versions:
+            raise ModelNotFound(f"unknown model {name!r}; serving {sorted(self.models) or 'none'}")
+        if version is None:
+            return versions[max(versions)]
+        if version not in versions:
+            raise ModelNotFound(
+                f"model {name!r} has no version {version}; versions are {sorted(versions)}"
+            )
+        return versions[version]
+
+    def all(self) -> list[LoadedModel]:
+        return [m for name in sorted(self.models) for _, m in sorted(self.models[name].items())]

@@ -1,0 +1,66 @@
+"""Service configuration: every field reads a `GANSENTRY_*` environment variable (or a
+`.env` file), and CLI flags override them."""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Providers = Literal["auto", "tensorrt", "cuda", "cpu"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GANSENTRY_", env_file=".env", extra="ignore")
+
+    host: str = "0.0.0.0"
+    port: int = Field(8000, ge=1, le=65535)
+    models_dir: Path = Path("models")
+    log_level: str = "info"
+
+    providers: Providers = "auto"
+    intra_op_threads: int = Field(0, ge=0, description="0 = the CPUs this process may use")
+    inter_op_threads: int = Field(1, ge=1)
+    trt_cache_dir: Path = Path(".trt_cache")
+    cuda_mem_limit_mb: int = Field(0, ge=0, description="0 = no limit")
+
+    max_batch_size: int = Field(32, ge=1, le=4096, description="items, not requests")
+    max_batch_delay_ms: float = Field(2.0, ge=0, le=10_000)
+    max_queue_items: int = Field(2048, ge=1, description="queued items per model before 503")
+    request_timeout_ms: float = Field(10_000, gt=0, description="per-request deadline -> 504")
+
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    max_inputs_per_request: int = Field(256, ge=1)
+    max_image_pixels: int = Field(16_000_000, ge=64)
+
+    api_keys: str = Field("", description="comma-separated; empty = no auth")
+    api_keys_file: Path | None = Field(None, description="one key per line")
+
+    redis_url: str | None = None
+    redis_stream_maxlen: int = Field(10_000, ge=1, description="queued entries per model")
+    redis_claim_idle_ms: int = Field(5_000, ge=100, description="reclaim entries idle this long")
+    redis_result_ttl_s: int = Field(60, ge=1)
+    redis_max_deliveries: int = Field(3, ge=1, description="poison input after this many tries")
+    worker_heartbeat_s: float = Field(2.0, gt=0)
+    worker_metrics_port: int = Field(9100, ge=0, le=65535)
+    worker_name: str | None = None
+
+    @cached_property
+    def keys(self) -> frozenset[str]:
+        keys = {k.strip() for k in self.api_keys.split(",") if k.strip()}
+        if self.api_keys_file is not None:
+            text = self.api_keys_file.read_text()
+            keys |= {line.strip() for line in text.splitlines() if line.strip()}
+        return frozenset(keys)
+
+    def ort_threads(self) -> int:
+        if self.intra_op_threads:
+            return self.intra_op_threads
+        try:
+            return len(os.sched_getaffinity(0))
+        except AttributeError:
+            return os.cpu_count() or 1

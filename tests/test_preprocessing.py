@@ -1,0 +1,78 @@
+"""The shared preprocessing: the same pixels and features on both sides of the export."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from gansentry.manifest import ImageInput, TabularInput
+from gansentry.preprocessing import (
+    InputError,
+    array_to_png,
+    decode_image,
+    encode_columns,
+    encode_record,
+    fit_tabular,
+    uint8_batch_to_array,
+)
+
+GREY32 = ImageInput(channels=1, height=32, width=32)
+
+
+def _png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_decoded_png_equals_training_batch_path():
+    rng = np.random.default_rng(0)
+    digits = rng.integers(0, 256, size=(3, 28, 28), dtype=np.uint8)
+    batch = uint8_batch_to_array(digits, GREY32)
+    assert batch.shape == (3, 1, 32, 32) and batch.dtype == np.float32
+    for i in range(3):
+        np.testing.assert_array_equal(decode_image(_png(digits[i]), GREY32), batch[i])
+
+
+def test_colour_image_converted_to_grey_and_resized():
+    rgb = np.zeros((50, 40, 3), np.uint8)
+    rgb[..., 1] = 200
+    x = decode_image(_png(rgb), GREY32)
+    assert x.shape == (1, 32, 32)
+    assert 0.0 <= x.min() <= x.max() <= 1.0
+
+
+def test_png_roundtrip_of_reconstruction():
+    x = np.linspace(0, 1, 32 * 32, dtype=np.float32).reshape(1, 32, 32)
+    back = decode_image(array_to_png(x), GREY32)
+    assert np.max(np.abs(back - x)) <= 0.5 / 255 + 1e-6
+
+
+def test_undecodable_and_oversized_images_are_input_errors():
+    with pytest.raises(InputError, match="cannot decode"):
+        decode_image(b"not an image", GREY32)
+    big = _png(np.zeros((100, 100), np.uint8))
+    with pytest.raises(InputError, match="over the limit"):
+        decode_image(big, GREY32, max_pixels=5000)
+
+
+def test_tabular_fit_encode_and_record_errors():
+    cols = {"proto": ["tcp", "udp", "tcp", "icmp"], "bytes": [0.0, 10.0, 5.0, 20.0]}
+    prep = fit_tabular(cols, symbolic=["proto"])
+    assert prep.feature_names() == ["proto=icmp", "proto=tcp", "proto=udp", "bytes"]
+    x = encode_columns(cols, prep)
+    assert x.shape == (4, 4)
+    np.testing.assert_allclose(x.min(axis=0), 0.0)
+    np.testing.assert_allclose(x.max(axis=0), 1.0)
+    np.testing.assert_array_equal(encode_record({"proto": "udp", "bytes": 10.0}, prep), x[1])
+    TabularInput(num_features=4, feature_names=prep.feature_names(), preprocessing=prep)
+    np.testing.assert_array_equal(
+        encode_record({"proto": "sctp", "bytes": 0.0}, prep)[:3], [0, 0, 0]
+    )
+    with pytest.raises(InputError, match="unknown field"):
+        encode_record({"proto": "tcp", "bytes": 1.0, "colour": "red"}, prep)
+    with pytest.raises(InputError, match="missing field 'bytes'"):
+        encode_record({"proto": "tcp"}, prep)
+    with pytest.raises(InputError, match="NaN"):
+        encode_record({"proto": "tcp", "bytes": float("nan")}, prep)
