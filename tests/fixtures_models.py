@@ -1,0 +1,1 @@
+"""Model-repository fixtures for the tests (owned by the service tests)."""

@@ -1,0 +1,1 @@
+"""A real Redis server for the tests (owned by the Redis tests)."""
