@@ -1,0 +1,150 @@
+"""The evaluation report's pictures (PNG, matplotlib's Agg backend so it runs headless).
+
+Each function writes one file and returns its path; inputs are plain numpy arrays so the
+report is the same whether the scores came from PyTorch or from the exported ONNX graph."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from sklearn.metrics import roc_curve  # noqa: E402
+
+ROC_FILE = "roc.png"
+HISTOGRAM_FILE = "score_histogram.png"
+RECONSTRUCTIONS_FILE = "reconstructions.png"
+MEMORY_FILE = "memory_units.png"
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def roc_png(scores: np.ndarray, labels: np.ndarray, auroc: float | None, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(5, 5))
+    if labels.min() != labels.max():
+        fpr, tpr, _ = roc_curve(labels, scores)
+        ax.plot(fpr, tpr, label=f"AUROC {auroc:.4f}" if auroc is not None else "ROC")
+    else:
+        ax.text(0.5, 0.5, "test set has one class only", ha="center")
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC (anomaly = +)")
+    ax.legend(loc="lower right")
+    return _save(fig, path)
+
+
+def histogram_png(
+    scores: np.ndarray,
+    labels: np.ndarray,
+    thresholds: dict[str, float],
+    path: Path,
+) -> Path:
+    """Normal vs anomalous score distributions with each operating point as a line."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bins = np.histogram_bin_edges(scores, bins=60)
+    for label, name, color in ((0, "normal", "tab:blue"), (1, "anomalous", "tab:red")):
+        part = scores[labels == label]
+        if part.size:
+            ax.hist(part, bins=bins, alpha=0.55, density=True, color=color, label=name)
+    for (name, value), style in zip(thresholds.items(), ("-", "--", ":"), strict=False):
+        ax.axvline(value, color="black", linestyle=style, label=f"{name} {value:.4g}")
+    ax.set(xlabel="anomaly score", ylabel="density", title="test scores")
+    ax.legend()
+    return _save(fig, path)
+
+
+def _to_hwc(images: np.ndarray) -> np.ndarray:
+    """[N, C, H, W] in [0, 1] -> [N, H, W] (grey) or [N, H, W, 3] for imshow."""
+    images = np.clip(np.asarray(images, dtype=np.float32), 0.0, 1.0)
+    return images[:, 0] if images.shape[1] == 1 else images.transpose(0, 2, 3, 1)
+
+
+def reconstructions_png(
+    inputs: np.ndarray,
+    recons: np.ndarray,
+    scores: np.ndarray,
+    labels: np.ndarray,
+    path: Path,
+) -> Path:
+    """Images: each column an input above its reconstruction. Tabular: input rows beside
+    reconstructed rows and their absolute difference as heatmaps."""
+    if inputs.ndim == 4:
+        return _image_pairs(inputs, recons, scores, labels, path)
+    return _tabular_heatmaps(inputs, recons, labels, path)
+
+
+def _image_pairs(
+    inputs: np.ndarray, recons: np.ndarray, scores: np.ndarray, labels: np.ndarray, path: Path
+) -> Path:
+    x, r = _to_hwc(inputs), _to_hwc(recons)
+    n = len(x)
+    fig, axes = plt.subplots(2, n, figsize=(1.2 * n, 2.9), squeeze=False)
+    for i in range(n):
+        for row, img in enumerate((x[i], r[i])):
+            ax = axes[row][i]
+            ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        kind = "anom" if labels[i] else "norm"
+        axes[0][i].set_title(f"{kind}\n{scores[i]:.3g}", fontsize=7)
+    axes[0][0].set_ylabel("input", fontsize=8)
+    axes[1][0].set_ylabel("recon", fontsize=8)
+    return _save(fig, path)
+
+
+def _tabular_heatmaps(
+    inputs: np.ndarray, recons: np.ndarray, labels: np.ndarray, path: Path
+) -> Path:
+    fig, axes = plt.subplots(1, 3, figsize=(12, 0.25 * len(inputs) + 1.5), sharey=True)
+    diff = np.abs(inputs - recons)
+    panels = (("input", inputs), ("reconstruction", recons), ("|difference|", diff))
+    for ax, (title, data) in zip(axes, panels, strict=True):
+        im = ax.imshow(data, aspect="auto", interpolation="nearest", cmap="viridis")
+        ax.set(title=title, xlabel="feature")
+        fig.colorbar(im, ax=ax, fraction=0.04)
+    axes[0].set_yticks(range(len(labels)), ["anom" if v else "norm" for v in labels], fontsize=6)
+    return _save(fig, path)
+
+
+def image_grid_png(images: np.ndarray, title: str, path: Path, columns: int = 10) -> Path:
+    """A grid of [N, C, H, W] images in [0, 1], e.g. MEMGAN's decoded memory units."""
+    x = _to_hwc(images)
+    rows = max(1, -(-len(x) // columns))
+    cols = min(columns, len(x))
+    fig, axes = plt.subplots(rows, cols, figsize=(1.1 * cols, 1.1 * rows + 0.4), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < len(x):
+            ax.imshow(x[i], cmap="gray" if x[i].ndim == 2 else None, vmin=0, vmax=1)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def matrix_png(matrix: np.ndarray, title: str, path: Path) -> Path:
+    """Rows of vectors as a heatmap, e.g. the decoded memory units of a tabular MEMGAN."""
+    fig, ax = plt.subplots(figsize=(10, 0.2 * len(matrix) + 1.5))
+    im = ax.imshow(matrix, aspect="auto", interpolation="nearest", cmap="viridis")
+    ax.set(title=title, xlabel="feature", ylabel="unit")
+    fig.colorbar(im, ax=ax, fraction=0.04)
+    return _save(fig, path)
+
+
+def pick_examples(labels: np.ndarray, per_class: int = 8, seed: int = 0) -> np.ndarray:
+    """Indices of up to `per_class` normal then `per_class` anomalous test samples, chosen
+    at random with a fixed seed so reports of the same run are comparable."""
+    rng = np.random.default_rng(seed)
+    picked = []
+    for label in (0, 1):
+        idx = np.flatnonzero(labels == label)
+        if idx.size:
+            picked.append(np.sort(rng.choice(idx, size=min(per_class, idx.size), replace=False)))
+    return np.concatenate(picked) if picked else np.zeros(0, dtype=np.int64)
