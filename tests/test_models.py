@@ -1,0 +1,109 @@
+"""Each detector at image and tabular shapes: output shapes and dtypes, deterministic
+eval-mode scoring, and an ONNX export whose ONNX Runtime scores match PyTorch's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gansentry.manifest import ImageInput, TabularInput
+from training.models import ARCHITECTURES, build_model, default_hparams
+from training.onnx_export import export_onnx
+
+IMAGE = ImageInput(channels=1, height=32, width=32)
+RGB28 = ImageInput(channels=3, height=28, width=28)
+TABULAR = TabularInput(num_features=13, feature_names=[f"f{i}" for i in range(13)])
+# Small widths keep the suite fast; the architecture is the same as the defaults'.
+SMALL = {
+    "image": {"width": 8, "latent_dim": 16},
+    "tabular": {"latent_dim": 8},
+}
+
+
+def small(arch: str, spec: ImageInput | TabularInput) -> dict:
+    h = dict(SMALL[spec.kind])
+    if arch in ("egbad", "memgan") and spec.kind == "image":
+        h.update(d_x_hidden=32, d_z_hidden=32, d_joint_hidden=64)
+    if arch == "memgan":
+        h["memory_units"] = 10
+    return h
+
+
+def batch(spec: ImageInput | TabularInput, n: int = 6) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(n, *spec.shape, generator=g)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("spec", [IMAGE, RGB28, TABULAR], ids=["mnist32", "rgb28", "tabular"])
+def test_shapes_training_step_and_deterministic_score(arch, spec):
+    torch.manual_seed(0)
+    model = build_model(arch, spec, **small(arch, spec))
+    x = batch(spec)
+    losses = model.training_step(x)
+    assert losses and all(isinstance(v, float) and v == v for v in losses.values())
+    model.eval()
+    with torch.no_grad():
+        score, recon = model.score(x)
+        score2, recon2 = model.score(x)
+        single, _ = model.score(x[:1])
+    assert score.shape == (6,) and score.dtype == torch.float32
+    assert recon.shape == x.shape and recon.dtype == torch.float32
+    assert torch.equal(score, score2) and torch.equal(recon, recon2)
+    # Eval mode: a sample's score does not depend on the rest of its batch.
+    torch.testing.assert_close(single, score[:1], rtol=1e-4, atol=1e-6)
+    if spec.kind == "image":
+        assert float(recon.min()) >= 0.0 and float(recon.max()) <= 1.0
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("spec", [IMAGE, TABULAR], ids=["image", "tabular"])
+def test_onnx_export_parity(arch, spec, tmp_path):
+    torch.manual_seed(0)
+    model = build_model(arch, spec, **small(arch, spec))
+    for _ in range(2):
+        model.training_step(batch(spec, 8))
+    scorer = model.scorer()
+    assert not scorer.training
+    rel = export_onnx(scorer, batch(spec, 5), tmp_path / "m.onnx")
+    assert rel <= 1e-4
+    # The scorer is a copy: exporting it leaves the trained model in training mode.
+    assert model.training
+
+
+def test_scorer_matches_model_score():
+    torch.manual_seed(0)
+    model = build_model("egbad", TABULAR, **small("egbad", TABULAR))
+    model.training_step(batch(TABULAR, 8))
+    model.eval()
+    x = batch(TABULAR)
+    with torch.no_grad():
+        torch.testing.assert_close(model.scorer()(x), model.score(x))
+
+
+def test_memgan_visuals_are_decoded_memory_units():
+    model = build_model("memgan", IMAGE, **small("memgan", IMAGE))
+    units = model.visuals()["memory_units"]
+    assert units.shape == (10, 1, 32, 32)
+    assert float(units.min()) >= 0.0 and float(units.max()) <= 1.0
+    assert build_model("memgan", TABULAR, **small("memgan", TABULAR)).visuals() == {}
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="ganomaly, egbad, memgan"):
+        build_model("anogan", IMAGE)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        build_model("ganomaly", ImageInput(channels=1, height=30, width=30))
+    with pytest.raises(ValueError, match="square"):
+        build_model("memgan", ImageInput(channels=1, height=32, width=64))
+    with pytest.raises(ValueError, match="latnet_dim"):
+        build_model("egbad", TABULAR, latnet_dim=4)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_default_hparams_are_complete_and_fresh(arch):
+    for spec in (IMAGE, TABULAR):
+        h = default_hparams(arch, spec)
+        assert {"lr", "beta1", "beta2", "batch_size", "epochs", "latent_dim"} <= set(h)
+        h["latent_dim"] = -1
+        assert default_hparams(arch, spec)["latent_dim"] > 0

@@ -1,0 +1,113 @@
+"""The interface every detector implements, so training, evaluation, ONNX export and the
+service all go through one scoring function per model."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gansentry.manifest import ImageInput, TabularInput
+
+InputSpec = ImageInput | TabularInput
+
+
+class AnomalyGAN(nn.Module, ABC):
+    """A GAN anomaly detector. Subclasses build their networks in `__init__`, list their
+    optimisers in `_make_optimizers` and implement `training_step` and `score`.
+
+    `score` takes inputs in the contract's range (images in [0, 1]) and does any further
+    normalisation itself, so the exported graph needs nothing around it."""
+
+    arch: str = ""
+
+    def __init__(self, spec: InputSpec, hparams: dict[str, Any]):
+        super().__init__()
+        self.spec = spec
+        self.hparams = dict(hparams)
+        self._optimizers: dict[str, torch.optim.Optimizer] | None = None
+
+    @property
+    def is_image(self) -> bool:
+        return isinstance(self.spec, ImageInput)
+
+    # -- optimisation ------------------------------------------------------------
+    @abstractmethod
+    def _make_optimizers(self) -> dict[str, torch.optim.Optimizer]: ...
+
+    def _adam(self, params: Any) -> torch.optim.Optimizer:
+        h = self.hparams
+        return torch.optim.Adam(params, lr=h["lr"], betas=(h["beta1"], h["beta2"]))
+
+    @property
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """Created on first use, after the model has been moved to its device."""
+        if self._optimizers is None:
+            self._optimizers = self._make_optimizers()
+        return self._optimizers
+
+    def training_state(self) -> dict[str, Any]:
+        """Everything a checkpoint needs for an exact resume (weights, EMA copies and
+        step counters are buffers/parameters, so `state_dict` carries them)."""
+        return {
+            "model": self.state_dict(),
+            "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+        }
+
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        self.load_state_dict(state["model"])
+        for k, o in self.optimizers.items():
+            o.load_state_dict(state["optimizers"][k])
+
+    @abstractmethod
+    def training_step(self, x: Tensor) -> dict[str, float]:
+        """One minibatch in the contract range: every sub-network update; returns the
+        named losses for the progress bar and history."""
+
+    # -- scoring -------------------------------------------------------------------
+    def to_model_space(self, x: Tensor) -> Tensor:
+        """Contract range -> the range the networks work in (tanh outputs for images)."""
+        return x * 2.0 - 1.0 if self.is_image else x
+
+    def from_model_space(self, x: Tensor) -> Tensor:
+        return (x + 1.0) * 0.5 if self.is_image else x
+
+    @abstractmethod
+    def score(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x in the contract range -> (score [N] float32, higher = more anomalous;
+        reconstruction with x's shape and range). Call in eval mode."""
+
+    def selection_metric(self, x: Tensor) -> Tensor:
+        """Per-sample label-free quantity on validation normals; the epoch with the lowest
+        mean is selected. Defaults to the score itself."""
+        return self.score(x)[0]
+
+    selection_rule: str = "lowest mean validation-normal score"
+
+    def scorer(self) -> nn.Module:
+        """A detached eval-mode copy whose forward is `score`, for ONNX export."""
+        copy = type(self)(self.spec, **self.hparams)
+        copy.load_state_dict(self.state_dict())
+        return _Scorer(copy).eval()
+
+    def visuals(self) -> dict[str, Tensor]:
+        return {}
+
+
+class _Scorer(nn.Module):
+    def __init__(self, model: AnomalyGAN):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.model.score(x)
+
+
+def bce(logits: Tensor, target: float) -> Tensor:
+    return nn.functional.binary_cross_entropy_with_logits(logits, torch.full_like(logits, target))
+
+
+def flat(t: Tensor) -> Tensor:
+    return t.flatten(1)

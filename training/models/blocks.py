@@ -1,0 +1,150 @@
+"""Network building blocks shared by the three detectors: DCGAN-style convolutional
+encoders/decoders sized for any square image whose side is a multiple of 4, small MLPs
+for tabular vectors, and the joint (x, z) discriminator of BiGAN-style models."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from gansentry.manifest import ImageInput
+
+MIN_SIDE, MAX_SIDE = 16, 256
+
+
+def image_side(spec: ImageInput) -> int:
+    """The conv nets halve the side until it is odd or 4; they need at least two halvings
+    so the decoder can mirror the encoder exactly."""
+    if spec.height != spec.width:
+        raise ValueError(
+            f"images must be square for the convolutional models, got {spec.height}x{spec.width}"
+        )
+    side = spec.height
+    if side % 4 or not MIN_SIDE <= side <= MAX_SIDE:
+        raise ValueError(
+            f"image side {side} is unsupported: it must be a multiple of 4 between "
+            f"{MIN_SIDE} and {MAX_SIDE} (e.g. 28, 32 or 64)"
+        )
+    return side
+
+
+def _pyramid(side: int) -> tuple[int, int]:
+    """(number of stride-2 convolutions, final spatial side)."""
+    n, s = 1, side // 2
+    while s > 4 and s % 2 == 0:
+        n, s = n + 1, s // 2
+    return n, s
+
+
+def init_weights(module: nn.Module) -> None:
+    """DCGAN initialisation N(0, 0.02), as GANomaly, EGBAD and DCGAN prescribe."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d | nn.ConvTranspose2d | nn.Linear):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d):
+            nn.init.normal_(m.weight, 1.0, 0.02)
+            nn.init.zeros_(m.bias)
+
+
+class ConvEncoder(nn.Module):
+    """x [N, C, S, S] -> ([N, out_dim], last hidden features flattened)."""
+
+    def __init__(self, channels: int, side: int, out_dim: int, width: int, dropout: float = 0.0):
+        super().__init__()
+        n, final = _pyramid(side)
+        layers: list[nn.Module] = [nn.Conv2d(channels, width, 4, 2, 1, bias=False)]
+        layers += [nn.LeakyReLU(0.2, inplace=True)]
+        w = width
+        for _ in range(n - 1):
+            layers += [nn.Conv2d(w, w * 2, 4, 2, 1, bias=False), nn.BatchNorm2d(w * 2)]
+            layers += [nn.LeakyReLU(0.2, inplace=True)]
+            if dropout:
+                layers.append(nn.Dropout(dropout))
+            w *= 2
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Conv2d(w, out_dim, final, 1, 0, bias=False)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        f = self.features(x)
+        return self.head(f).flatten(1), f.flatten(1)
+
+
+class ConvDecoder(nn.Module):
+    """z [N, in_dim] -> image [N, C, S, S] in [-1, 1]; the mirror of `ConvEncoder`."""
+
+    def __init__(self, channels: int, side: int, in_dim: int, width: int):
+        super().__init__()
+        n, final = _pyramid(side)
+        w = width * 2 ** (n - 1)
+        layers: list[nn.Module] = [
+            nn.ConvTranspose2d(in_dim, w, final, 1, 0, bias=False),
+            nn.BatchNorm2d(w),
+            nn.ReLU(True),
+        ]
+        for _ in range(n - 1):
+            layers += [nn.ConvTranspose2d(w, w // 2, 4, 2, 1, bias=False), nn.BatchNorm2d(w // 2)]
+            layers.append(nn.ReLU(True))
+            w //= 2
+        layers += [nn.ConvTranspose2d(w, channels, 4, 2, 1, bias=False), nn.Tanh()]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.net(z[:, :, None, None])
+
+
+def mlp(
+    sizes: list[int],
+    act: type[nn.Module] = nn.LeakyReLU,
+    dropout: float = 0.0,
+    last_act: bool = False,
+) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2 or last_act:
+            layers.append(nn.LeakyReLU(0.2, inplace=True) if act is nn.LeakyReLU else act())
+            if dropout:
+                layers.append(nn.Dropout(dropout))
+    return nn.Sequential(*layers)
+
+
+class MlpEncoder(nn.Module):
+    """Tabular counterpart of `ConvEncoder`: returns (output, last hidden features)."""
+
+    def __init__(self, sizes: list[int], dropout: float = 0.0):
+        super().__init__()
+        self.features = mlp(sizes[:-1], dropout=dropout, last_act=True)
+        self.head = nn.Linear(sizes[-2], sizes[-1])
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        f = self.features(x)
+        return self.head(f), f
+
+
+class JointDiscriminator(nn.Module):
+    """BiGAN discriminator D(x, z): an x branch and a z branch joined into one hidden
+    layer, which doubles as the feature-matching layer for EGBAD's score."""
+
+    def __init__(
+        self,
+        x_branch: nn.Module,
+        x_dim: int,
+        z_dim: int,
+        z_hidden: int,
+        joint_hidden: int,
+        dropout: float,
+    ):
+        super().__init__()
+        self.x_branch = x_branch
+        self.z_branch = mlp([z_dim, z_hidden], dropout=dropout, last_act=True)
+        self.joint = mlp([x_dim + z_hidden, joint_hidden], dropout=dropout, last_act=True)
+        self.logit = nn.Linear(joint_hidden, 1)
+
+    def forward(self, x: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
+        hx = self.x_branch(x)
+        if isinstance(hx, tuple):
+            hx = nn.functional.leaky_relu(hx[0], 0.2)
+        f = self.joint(torch.cat([hx, self.z_branch(z)], dim=1))
+        return self.logit(f).squeeze(1), f

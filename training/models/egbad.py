@@ -1,0 +1,91 @@
+"""EGBAD (Zenati et al. 2018): a BiGAN whose encoder gives x's latent code; the score
+mixes the reconstruction error of G(E(x)) with a discriminator feature-matching distance,
+computed with exponential-moving-average weights as in the paper."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from training.models.base import AnomalyGAN, InputSpec, bce
+from training.models.bigan import build_bigan
+from training.models.blocks import init_weights
+
+
+class EGBAD(AnomalyGAN):
+    arch = "egbad"
+    selection_rule = "lowest mean validation-normal L1 reconstruction error (EMA weights)"
+
+    def __init__(self, spec: InputSpec, **hparams: Any):
+        super().__init__(spec, hparams)
+        self.enc, self.gen, self.disc = build_bigan(spec, hparams)
+        init_weights(self)
+        # Scoring copies, updated as an EMA of the trained weights.
+        self.ema_enc, self.ema_gen, self.ema_disc = build_bigan(spec, hparams)
+        for live, ema in self._pairs():
+            ema.load_state_dict(live.state_dict())
+            ema.requires_grad_(False)
+        self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
+
+    def _pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(self.enc, self.ema_enc), (self.gen, self.ema_gen), (self.disc, self.ema_disc)]
+
+    def _make_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        ge = [*self.enc.parameters(), *self.gen.parameters()]
+        return {"ge": self._adam(ge), "d": self._adam(self.disc.parameters())}
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        # Warm-up as in TensorFlow's ExponentialMovingAverage(num_updates=...): short
+        # schedules would otherwise score with weights still close to the initial ones.
+        n = int(self.ema_updates)
+        decay = min(self.hparams["ema_decay"], (1 + n) / (10 + n))
+        for live, ema in self._pairs():
+            for p_ema, p in zip(ema.parameters(), live.parameters(), strict=True):
+                p_ema.lerp_(p, 1.0 - decay)
+            for b_ema, b in zip(ema.buffers(), live.buffers(), strict=True):
+                b_ema.copy_(b)
+        self.ema_updates += 1
+
+    def training_step(self, x: Tensor) -> dict[str, float]:
+        self.train()
+        opt = self.optimizers
+        x = self.to_model_space(x)
+        z = torch.randn(x.shape[0], self.hparams["latent_dim"], device=x.device)
+
+        opt["d"].zero_grad(set_to_none=True)
+        z_real = self.enc(x)[0]
+        x_fake = self.gen(z)
+        l_d = bce(self.disc(x, z_real.detach())[0], 1.0) + bce(
+            self.disc(x_fake.detach(), z)[0], 0.0
+        )
+        l_d.backward()
+        opt["d"].step()
+
+        opt["ge"].zero_grad(set_to_none=True)
+        l_e = bce(self.disc(x, z_real)[0], 0.0)
+        l_g = bce(self.disc(x_fake, z)[0], 1.0)
+        (l_e + l_g).backward()
+        opt["ge"].step()
+        self._update_ema()
+        return {"d": l_d.item(), "g": l_g.item(), "e": l_e.item()}
+
+    def _reconstruct(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        z = self.ema_enc(x)[0]
+        return z, self.ema_gen(z)
+
+    def score(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        w = self.hparams["score_weight"]
+        xm = self.to_model_space(x)
+        z, x_rec = self._reconstruct(xm)
+        rec = (xm - x_rec).abs().flatten(1).sum(dim=1)
+        f_real = self.ema_disc(xm, z)[1]
+        f_rec = self.ema_disc(x_rec, z)[1]
+        fm = (f_real - f_rec).abs().sum(dim=1)
+        return (1.0 - w) * rec + w * fm, self.from_model_space(x_rec)
+
+    def selection_metric(self, x: Tensor) -> Tensor:
+        xm = self.to_model_space(x)
+        return (xm - self._reconstruct(xm)[1]).abs().flatten(1).mean(dim=1)
