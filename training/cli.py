@@ -1,10 +1,192 @@
 """`gansentry train|evaluate|export`. Arguments are declared here without importing torch;
-each command imports the training code only when it runs."""
+each command imports the training code only when it runs.
+
+Bad input from the layers below (DataError, ValueError, missing files) becomes one
+CliError line naming the problem; anything else is a bug and keeps its traceback."""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import get_args
+
+from gansentry.cli import CliError
+from gansentry.manifest import Architecture
+
+MODELS = get_args(Architecture)
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn the training code's bad-input exceptions into one CLI error line."""
+    from pydantic import ValidationError
+
+    try:
+        yield
+    except CliError:
+        raise
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise CliError(f"{where}: {first['msg']}") from e
+    except FileNotFoundError as e:
+        name = e.filename or str(e)
+        raise CliError(f"{name}: file not found") from e
+    except (ValueError, OSError) as e:
+        raise CliError(str(e).strip("'\"") or type(e).__name__) from e
+
+
+def _columns(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    cols = [c.strip() for c in text.split(",") if c.strip()]
+    return cols or None
+
+
+def _data_args(p: argparse.ArgumentParser, *, defaults_from_run: bool) -> None:
+    hint = " (default: the run's/manifest's)" if defaults_from_run else ""
+    p.add_argument(
+        "--dataset",
+        required=not defaults_from_run,
+        help="mnist, fashion-mnist, cifar10, kddcup99, or a path to an image folder, CSV or NPZ"
+        + hint,
+    )
+    p.add_argument(
+        "--protocol",
+        help="one-class-normal, one-class-anomalous, kdd-dagmm or custom" + hint,
+    )
+    p.add_argument("--normal-class", help="the protocol's class, e.g. 3 or cat" + hint)
+    p.add_argument("--data-root", type=Path, help="folder holding the datasets")
+    p.add_argument("--download", action="store_true", help="fetch public datasets if missing")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Filled in by the training package's commands."""
+    t = sub.add_parser("train", help="train a GAN anomaly detector into a run folder")
+    t.add_argument("--model", required=True, metavar="{" + ",".join(MODELS) + "}")
+    _data_args(t, defaults_from_run=False)
+    t.add_argument("--epochs", type=int, help="default: the model's paper schedule")
+    t.add_argument("--seed", type=int, default=0, help="training seed")
+    t.add_argument("--out", type=Path, required=True, help="run folder, e.g. runs/NAME")
+    t.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    t.add_argument("--device", default="auto", metavar="{" + ",".join(DEVICES) + "}")
+    t.add_argument("--image-size", type=int, help="resize images to N x N")
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--max-train", type=int, help="use at most N training samples")
+    t.add_argument("--label-column", help="CSV/NPZ column with 0/1 or normal/anomalous labels")
+    t.add_argument("--symbolic-columns", help="comma-separated CSV columns to one-hot encode")
+    t.add_argument("--threshold-quantile", type=float, default=0.99)
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.set_defaults(run=run_train)
+
+    e = sub.add_parser("evaluate", help="metrics and report for a run or an exported model")
+    e.add_argument("target", type=Path, metavar="RUN_OR_MODEL_DIR")
+    _data_args(e, defaults_from_run=True)
+    e.add_argument("--seed", type=int, help="split seed (default: the run's/manifest's)")
+    e.add_argument("--json", action="store_true", help="print one JSON object to stdout")
+    e.add_argument("--report-dir", type=Path, help="default: RUN/report or reports/NAME-vN")
+    e.add_argument("--device", default="cpu", metavar="{" + ",".join(DEVICES) + "}")
+    e.set_defaults(run=run_evaluate)
+
+    x = sub.add_parser("export", help="publish a run as models/NAME/VERSION (ONNX + manifest)")
+    x.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    x.add_argument("--models-dir", type=Path, default=Path("models"))
+    x.add_argument("--name", required=True, help="model name, e.g. mnist-memgan")
+    x.add_argument("--data-root", type=Path, help="folder holding the datasets")
+    x.set_defaults(run=run_export)
+
+
+def _check_choice(value: str, choices: tuple[str, ...], what: str) -> None:
+    if value not in choices:
+        raise CliError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
+
+
+def _positive(value: int | float | None, what: str) -> None:
+    if value is not None and value <= 0:
+        raise CliError(f"{what} must be positive, got {value}")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    _check_choice(args.model, MODELS, "model")
+    _check_choice(args.device, DEVICES, "device")
+    for value, what in (
+        (args.epochs, "--epochs"),
+        (args.batch_size, "--batch-size"),
+        (args.lr, "--lr"),
+        (args.max_train, "--max-train"),
+        (args.image_size, "--image-size"),
+    ):
+        _positive(value, what)
+    if not 0 < args.threshold_quantile < 1:
+        raise CliError(f"--threshold-quantile must be in (0, 1), got {args.threshold_quantile}")
+    with user_errors():
+        from training.train import TrainConfig, train
+
+        cfg = TrainConfig(
+            model=args.model,
+            dataset=args.dataset,
+            protocol=args.protocol,
+            normal_class=args.normal_class,
+            epochs=args.epochs,
+            seed=args.seed,
+            out=args.out,
+            resume=args.resume,
+            device=args.device,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            data_root=args.data_root,
+            download=args.download,
+            image_size=args.image_size,
+            max_train=args.max_train,
+            label_column=args.label_column,
+            symbolic_columns=_columns(args.symbolic_columns),
+            threshold_quantile=args.threshold_quantile,
+        )
+        run_dir = train(cfg, progress=not args.no_progress)
+    print(run_dir)
+    return 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    _check_choice(args.device, DEVICES, "device")
+    with user_errors():
+        from training.evaluate import evaluate
+
+        result = evaluate(
+            args.target,
+            dataset=args.dataset,
+            protocol=args.protocol,
+            normal_class=args.normal_class,
+            split_seed=args.seed,
+            data_root=args.data_root,
+            report_dir=args.report_dir,
+            download=args.download,
+            device=args.device,
+        )
+    if args.json:
+        print(result.to_json())
+        return 0
+    print(f"{result.target} on {result.dataset} ({result.protocol}), report in {result.report_dir}")
+    for key, value in result.metrics.items():
+        shown = "n/a" if value is None else f"{value:.4f}"
+        print(f"  {key:24s} {shown}")
+    sys.stdout.flush()
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    with user_errors():
+        from training.export import export_run
+
+        manifest, path = export_run(
+            args.run_dir, args.models_dir, args.name, data_root=args.data_root
+        )
+    print(path)
+    auroc = manifest.metrics.get("auroc")
+    if auroc is not None:
+        print(f"  AUROC {auroc:.4f} (ONNX Runtime, test split)", file=sys.stderr)
+    return 0

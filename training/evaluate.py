@@ -1,0 +1,351 @@
+"""`gansentry evaluate`: score a test split with a training run (PyTorch) or with an
+exported model (ONNX Runtime on the CPU, exactly as the service runs it), compute the
+papers' metrics and write the report folder.
+
+The exported-model path is the offline ground truth for the service: it loads the folder
+with the service's own `load_model` and calls `LoadedModel.run`, so a served score and an
+offline score of the same input come from the same session code."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gansentry.contract import MANIFEST_FILE
+from gansentry.manifest import ImageInput, TabularInput, Threshold
+from training import metrics as metrics_mod
+from training import report
+
+SCORE_BATCH = 256
+METRICS_FILE = "metrics.json"
+
+ScoreFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+class EvaluationError(ValueError):
+    """A run or model folder that cannot be evaluated; the message names the file."""
+
+
+@dataclass(frozen=True)
+class DataRequest:
+    """Everything `load_splits` needs to rebuild the split a model was trained on."""
+
+    dataset: str
+    protocol: str | None = None
+    normal_class: str | None = None
+    split_seed: int | None = None
+    root: Path | None = None
+    image_size: int | None = None
+    channels: int | None = None
+    label_column: str | None = None
+    symbolic_columns: list[str] | None = None
+    max_train: int | None = None
+
+    def load(self, download: bool = False) -> Any:
+        from training.data import load_splits
+
+        return load_splits(
+            self.dataset,
+            self.protocol,
+            normal_class=self.normal_class,
+            root=self.root,
+            split_seed=self.split_seed,
+            image_size=self.image_size,
+            channels=self.channels,
+            download=download,
+            label_column=self.label_column,
+            symbolic_columns=self.symbolic_columns,
+            max_train=self.max_train,
+        )
+
+    def override(
+        self,
+        *,
+        dataset: str | None = None,
+        protocol: str | None = None,
+        normal_class: str | None = None,
+        split_seed: int | None = None,
+        root: Path | None = None,
+    ) -> DataRequest:
+        changes: dict[str, Any] = {
+            k: v
+            for k, v in {
+                "dataset": dataset,
+                "protocol": protocol,
+                "normal_class": normal_class,
+                "split_seed": split_seed,
+                "root": root,
+            }.items()
+            if v is not None
+        }
+        return replace(self, **changes)
+
+
+def data_options(cfg: Any, split_seed: int | None) -> dict[str, str | int | None]:
+    """The data options a run was trained with, stored in the manifest's provenance
+    hyperparameters so an exported model's split can be rebuilt without the run folder."""
+    sym = _get(cfg, "symbolic_columns")
+    return {
+        "split_seed": split_seed,
+        "normal_class": _str_or_none(_get(cfg, "normal_class")),
+        "max_train": _get(cfg, "max_train"),
+        "label_column": _get(cfg, "label_column"),
+        "symbolic_columns": ",".join(sym) if sym else None,
+    }
+
+
+@dataclass
+class Target:
+    kind: str
+    path: Path
+    label: str
+    spec: ImageInput | TabularInput
+    threshold: Threshold
+    data: DataRequest
+    score: ScoreFn
+    visuals: Callable[[], dict[str, np.ndarray]] = field(default=lambda: {})
+    default_report_dir: Path = Path("report")
+
+
+@dataclass
+class EvalResult:
+    target: str
+    kind: str
+    dataset: str
+    protocol: str | None
+    normal_classes: list[str]
+    anomalous_classes: list[str]
+    split_seed: int | None
+    metrics: dict[str, float | None]
+    report_dir: str
+    files: list[str]
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, indent=None, sort_keys=False)
+
+
+def _get(cfg: Any, key: str, default: Any = None) -> Any:
+    if isinstance(cfg, dict):
+        return cfg.get(key, default)
+    return getattr(cfg, key, default)
+
+
+def score_batches(run: ScoreFn, x: np.ndarray, batch_size: int = SCORE_BATCH):
+    """Score `x` in fixed-size batches; returns (scores [N], reconstructions)."""
+    scores, recons = [], []
+    for i in range(0, len(x), batch_size):
+        s, r = run(np.ascontiguousarray(x[i : i + batch_size], dtype=np.float32))
+        scores.append(np.asarray(s, dtype=np.float32).reshape(-1))
+        recons.append(np.asarray(r, dtype=np.float32))
+    return np.concatenate(scores), np.concatenate(recons)
+
+
+def cpu_session(onnx_path: Path, sample_shape: tuple[int, ...]) -> ScoreFn:
+    """An ONNX Runtime CPU session built by the service's own session factory."""
+    from gansentry.contract import INPUT_NAME, RECONSTRUCTION_NAME, SCORE_NAME
+    from service.providers import create_session
+    from service.settings import Settings
+
+    session, _ = create_session(onnx_path, Settings(providers="cpu"), sample_shape)
+
+    def run(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        score, recon = session.run(
+            [SCORE_NAME, RECONSTRUCTION_NAME], {INPUT_NAME: np.ascontiguousarray(x, np.float32)}
+        )
+        return score.reshape(-1), recon
+
+    return run
+
+
+def open_model_dir(path: Path) -> Target:
+    from service.registry import ModelLoadError, load_model
+    from service.settings import Settings
+
+    try:
+        loaded = load_model(path, Settings(providers="cpu"))
+    except ModelLoadError as e:
+        raise EvaluationError(f"{path}: {e}") from e
+    m = loaded.manifest
+    prov, spec = m.provenance, m.input
+    hp = prov.hyperparameters
+    normal_class = hp.get("normal_class")
+    if normal_class is None and len(prov.normal_classes) == 1:
+        normal_class = prov.normal_classes[0]
+    sym = hp.get("symbolic_columns")
+    if sym is None and isinstance(spec, TabularInput) and spec.preprocessing is not None:
+        sym = ",".join(c.name for c in spec.preprocessing.columns if c.kind == "symbolic")
+    data = DataRequest(
+        dataset=prov.dataset,
+        protocol=prov.protocol,
+        normal_class=None if normal_class is None else str(normal_class),
+        split_seed=_int_or_none(hp.get("split_seed")),
+        image_size=spec.height if isinstance(spec, ImageInput) else None,
+        channels=spec.channels if isinstance(spec, ImageInput) else None,
+        label_column=_str_or_none(hp.get("label_column")),
+        symbolic_columns=str(sym).split(",") if sym else None,
+        max_train=_int_or_none(hp.get("max_train")),
+    )
+    return Target(
+        kind="model",
+        path=path,
+        label=f"{m.name}/{m.version}",
+        spec=spec,
+        threshold=m.threshold,
+        data=data,
+        score=loaded.run,
+        default_report_dir=Path("reports") / f"{m.name}-v{m.version}",
+    )
+
+
+def run_request(info: Any) -> DataRequest:
+    """The split a run was trained on, from its recorded config and provenance."""
+    cfg, spec = info.config, info.input_spec
+    return DataRequest(
+        dataset=str(info.dataset or _get(cfg, "dataset")),
+        protocol=info.protocol or _get(cfg, "protocol"),
+        normal_class=_str_or_none(_get(cfg, "normal_class")),
+        split_seed=info.split_seed,
+        root=_get(cfg, "data_root"),
+        image_size=spec.height if isinstance(spec, ImageInput) else _get(cfg, "image_size"),
+        channels=spec.channels if isinstance(spec, ImageInput) else None,
+        label_column=_get(cfg, "label_column"),
+        symbolic_columns=_get(cfg, "symbolic_columns"),
+        max_train=_get(cfg, "max_train"),
+    )
+
+
+def open_run_dir(path: Path, device: str = "cpu") -> Target:
+    import torch
+
+    from training.runs import load_run, score_array
+
+    model, info = load_run(path, device=device)
+    spec = info.input_spec
+    data = run_request(info)
+
+    def score(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        s, r = score_array(model, x, batch_size=SCORE_BATCH)
+        return np.asarray(s), np.asarray(r)
+
+    def visuals() -> dict[str, np.ndarray]:
+        with torch.no_grad():
+            out = model.visuals() if hasattr(model, "visuals") else {}
+        return {k: v.detach().float().cpu().numpy() for k, v in (out or {}).items()}
+
+    return Target(
+        kind="run",
+        path=path,
+        label=str(path),
+        spec=spec,
+        threshold=info.threshold,
+        data=data,
+        score=score,
+        visuals=visuals,
+        default_report_dir=path / "report",
+    )
+
+
+def open_target(path: Path, device: str = "cpu") -> Target:
+    path = Path(path)
+    if not path.is_dir():
+        raise EvaluationError(f"{path}: no such run or model folder")
+    if (path / MANIFEST_FILE).is_file():
+        return open_model_dir(path)
+    return open_run_dir(path, device=device)
+
+
+def check_shape(spec: ImageInput | TabularInput, x: np.ndarray, dataset: str) -> None:
+    if tuple(x.shape[1:]) != tuple(spec.shape):
+        raise EvaluationError(
+            f"dataset {dataset} gives samples of shape {list(x.shape[1:])}, "
+            f"the model expects {list(spec.shape)}"
+        )
+
+
+def write_report(
+    report_dir: Path,
+    test: np.ndarray,
+    recons: np.ndarray,
+    scores: np.ndarray,
+    labels: np.ndarray,
+    result_metrics: dict[str, float | None],
+    visuals: dict[str, np.ndarray],
+) -> list[Path]:
+    report_dir.mkdir(parents=True, exist_ok=True)
+    auroc = result_metrics.get("auroc")
+    files = [report.roc_png(scores, labels, auroc, report_dir / report.ROC_FILE)]
+    lines = {"calibrated threshold": float(result_metrics["threshold"] or 0.0)}
+    if result_metrics.get("top20_threshold") is not None:
+        lines["top-20% rule"] = float(result_metrics["top20_threshold"])
+    files.append(report.histogram_png(scores, labels, lines, report_dir / report.HISTOGRAM_FILE))
+    idx = report.pick_examples(labels, per_class=8 if test.ndim == 4 else 16)
+    pairs = report_dir / report.RECONSTRUCTIONS_FILE
+    files.append(
+        report.reconstructions_png(test[idx], recons[idx], scores[idx], labels[idx], pairs)
+    )
+    for name, arr in visuals.items():
+        target = report_dir / (report.MEMORY_FILE if name == "memory_units" else f"{name}.png")
+        if arr.ndim == 4:
+            files.append(report.image_grid_png(arr, name.replace("_", " "), target))
+        elif arr.ndim == 2:
+            files.append(report.matrix_png(arr, name.replace("_", " "), target))
+    return files
+
+
+def evaluate(
+    path: Path,
+    *,
+    dataset: str | None = None,
+    protocol: str | None = None,
+    normal_class: str | None = None,
+    split_seed: int | None = None,
+    data_root: Path | None = None,
+    report_dir: Path | None = None,
+    download: bool = False,
+    device: str = "cpu",
+) -> EvalResult:
+    target = open_target(path, device=device)
+    request = target.data.override(
+        dataset=dataset,
+        protocol=protocol,
+        normal_class=normal_class,
+        split_seed=split_seed,
+        root=data_root,
+    )
+    splits = request.load(download=download)
+    test = np.asarray(splits.test, dtype=np.float32)
+    labels = np.asarray(splits.test_labels).astype(np.int64).reshape(-1)
+    check_shape(target.spec, test, request.dataset)
+    scores, recons = score_batches(target.score, test)
+    result_metrics = metrics_mod.evaluate_scores(
+        scores, labels, target.threshold.value, splits.protocol
+    )
+    out_dir = Path(report_dir) if report_dir is not None else target.default_report_dir
+    files = write_report(out_dir, test, recons, scores, labels, result_metrics, target.visuals())
+    result = EvalResult(
+        target=target.label,
+        kind=target.kind,
+        dataset=str(splits.dataset),
+        protocol=splits.protocol,
+        normal_classes=[str(c) for c in splits.normal_classes],
+        anomalous_classes=[str(c) for c in splits.anomalous_classes],
+        split_seed=splits.split_seed,
+        metrics=result_metrics,
+        report_dir=str(out_dir),
+        files=[str(f) for f in files],
+    )
+    (out_dir / METRICS_FILE).write_text(json.dumps(result.__dict__, indent=2) + "\n")
+    return result
+
+
+def _int_or_none(v: Any) -> int | None:
+    return None if v is None else int(v)
+
+
+def _str_or_none(v: Any) -> str | None:
+    return None if v is None else str(v)
