@@ -50,4 +50,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Under `python -m` this file is `__main__`; run the importable module so the CliError
+    # that subcommands raise is the class main() catches.
+    from gansentry.cli import main as _main
+
+    sys.exit(_main())

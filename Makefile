@@ -1,0 +1,56 @@
+# The exact commands that make the shipped models in models/, plus test and lint.
+# `make models` trains each run into runs/NAME (resumable: rerun after an interruption)
+# and exports it as the next version of models/NAME. Override e.g. DATA=/path/to/datasets.
+
+GANSENTRY ?= gansentry
+DATA ?= ../shared/datasets
+RUNS ?= runs
+MODELS ?= models
+DEVICE ?= auto
+SEED ?= 0
+DIGIT ?= 0
+
+MNIST = --dataset mnist --protocol one-class-normal --normal-class $(DIGIT) --image-size 32
+KDD = --dataset kddcup99 --protocol kdd-dagmm
+COMMON = --seed $(SEED) --data-root $(DATA) --device $(DEVICE) --resume
+
+SHIPPED = mnist-ganomaly mnist-egbad mnist-memgan kdd-egbad kdd-memgan kdd-ganomaly
+
+.PHONY: models $(SHIPPED) test lint format
+
+models: $(SHIPPED)
+
+mnist-ganomaly:
+	$(GANSENTRY) train --model ganomaly $(MNIST) --epochs 15 $(COMMON) --out $(RUNS)/$@
+	$(GANSENTRY) export $(RUNS)/$@ --models-dir $(MODELS) --name $@ --data-root $(DATA)
+
+mnist-egbad:
+	$(GANSENTRY) train --model egbad $(MNIST) --epochs 15 $(COMMON) --out $(RUNS)/$@
+	$(GANSENTRY) export $(RUNS)/$@ --models-dir $(MODELS) --name $@ --data-root $(DATA)
+
+mnist-memgan:
+	$(GANSENTRY) train --model memgan $(MNIST) --epochs 15 $(COMMON) --out $(RUNS)/$@
+	$(GANSENTRY) export $(RUNS)/$@ --models-dir $(MODELS) --name $@ --data-root $(DATA)
+
+kdd-egbad:
+	$(GANSENTRY) train --model egbad $(KDD) --epochs 10 $(COMMON) --out $(RUNS)/$@
+	$(GANSENTRY) export $(RUNS)/$@ --models-dir $(MODELS) --name $@ --data-root $(DATA)
+
+kdd-memgan:
+	$(GANSENTRY) train --model memgan $(KDD) --epochs 10 $(COMMON) --out $(RUNS)/$@
+	$(GANSENTRY) export $(RUNS)/$@ --models-dir $(MODELS) --name $@ --data-root $(DATA)
+
+kdd-ganomaly:
+	$(GANSENTRY) train --model ganomaly $(KDD) --epochs 15 $(COMMON) --out $(RUNS)/$@
+	$(GANSENTRY) export $(RUNS)/$@ --models-dir $(MODELS) --name $@ --data-root $(DATA)
+
+test:
+	python -m pytest -q
+
+lint:
+	ruff check .
+	ruff format --check .
+
+format:
+	ruff check --fix .
+	ruff format .
