@@ -1,0 +1,213 @@
+"""`load_splits`: one entry point from a dataset name or path and a protocol to model-ready
+train / val / test arrays. Every protocol has a fixed default seed, so two runs (and the
+benchmark beside them) always see the same split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from training.data import cifar, custom, idx, kdd, protocols
+from training.data.download import download as fetch
+from training.data.errors import DataError
+from training.data.images import LabelledImages
+from training.data.paths import default_root
+from training.data.result import Splits
+
+__all__ = ["DATASETS", "PROTOCOLS", "DEFAULT_SEEDS", "DataError", "Splits", "load_splits"]
+
+DATASETS = ("mnist", "fashion-mnist", "cifar10", "kddcup99")
+PROTOCOLS = ("one-class-normal", "one-class-anomalous", "kdd-dagmm", "custom")
+DEFAULT_SEEDS = {
+    "one-class-normal": 0,
+    "one-class-anomalous": 0,
+    "kdd-dagmm": 42,  # the DAGMM/EGBAD reference split
+    "custom": 0,
+}
+ALIASES = {
+    "fashion_mnist": "fashion-mnist",
+    "fashionmnist": "fashion-mnist",
+    "cifar-10": "cifar10",
+    "cifar": "cifar10",
+    "kdd": "kddcup99",
+    "kdd99": "kddcup99",
+    "kddcup": "kddcup99",
+}
+IMAGE_PROTOCOLS = ("one-class-normal", "one-class-anomalous")
+TABULAR_SUFFIXES = (".csv", ".npz")
+
+
+def _check_protocol(protocol: str, allowed: tuple[str, ...], what: str) -> None:
+    if protocol not in allowed:
+        raise DataError(
+            f"protocol {protocol!r} does not apply to {what}; choose {' or '.join(allowed)}"
+        )
+
+
+def _load_labelled(name: str, root: Path) -> LabelledImages:
+    if name == "cifar10":
+        return cifar.load_cifar10(root)
+    return idx.load_idx_dataset(name, root)
+
+
+def _is_archive(path: Path) -> bool:
+    return path.is_file() and (".tar" in path.name or path.name.endswith(".tgz"))
+
+
+def _is_kdd_file(path: Path) -> bool:
+    return path.is_file() and path.name.startswith("kddcup.data")
+
+
+def load_splits(
+    dataset: str,
+    protocol: str | None = None,
+    *,
+    normal_class: str | int | None = None,
+    anomalous_class: str | int | None = None,
+    root: Path | None = None,
+    split_seed: int | None = None,
+    image_size: int | None = None,
+    channels: int | None = None,
+    download: bool = False,
+    download_base_url: str | None = None,
+    val_fraction: float = 0.1,
+    label_column: str | None = None,
+    symbolic_columns: list[str] | None = None,
+    max_train: int | None = None,
+) -> Splits:
+    """Load `dataset` (a name in DATASETS or a path to the user's data) split by `protocol`.
+
+    `normal_class` picks the class by index or name. Under `one-class-anomalous` it names
+    the ANOMALOUS class (as GANomaly's `--abnormal_class` does); `anomalous_class` says the
+    same thing explicitly. `image_size` resizes square through the service's preprocessing;
+    tabular data ignores it. Raises DataError naming the file, field or class at fault."""
+    if not 0 < val_fraction < 0.5:
+        raise DataError(f"val_fraction must be between 0 and 0.5, got {val_fraction}")
+    if max_train is not None and max_train < 1:
+        raise DataError(f"max_train must be at least 1, got {max_train}")
+    if protocol is not None and protocol not in PROTOCOLS:
+        raise DataError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    root = Path(root).expanduser() if root is not None else default_root()
+    name = ALIASES.get(dataset.strip().lower(), dataset.strip().lower())
+    common = {"val_fraction": val_fraction, "max_train": max_train}
+
+    if name in DATASETS:
+        if download:
+            try:
+                _locate(name, root)
+            except DataError:
+                fetch(name, root, base_url=download_base_url)
+        if name == "kddcup99":
+            protocol = protocol or "kdd-dagmm"
+            _check_protocol(protocol, ("kdd-dagmm",), "kddcup99")
+            seed = DEFAULT_SEEDS[protocol] if split_seed is None else split_seed
+            return kdd.kdd_dagmm_splits(
+                kdd.locate_kdd(root), split_seed=seed, dataset=name, **common
+            )
+        protocol = protocol or "one-class-normal"
+        _check_protocol(protocol, IMAGE_PROTOCOLS, name)
+        return _one_class(
+            _load_labelled(name, root),
+            protocol,
+            normal_class,
+            anomalous_class,
+            split_seed,
+            image_size,
+            channels,
+            name,
+            common,
+        )
+
+    path = Path(dataset).expanduser()
+    if not path.exists():
+        raise DataError(
+            f"dataset {dataset!r} is neither one of {', '.join(DATASETS)} nor an existing path"
+        )
+    if _is_kdd_file(path):
+        protocol = protocol or "kdd-dagmm"
+        _check_protocol(protocol, ("kdd-dagmm",), str(path))
+        seed = DEFAULT_SEEDS[protocol] if split_seed is None else split_seed
+        return kdd.kdd_dagmm_splits(path, split_seed=seed, dataset=str(path), **common)
+    if cifar.is_class_folder(path) or _is_archive(path):
+        protocol = protocol or "one-class-normal"
+        _check_protocol(protocol, IMAGE_PROTOCOLS, f"{path} (train/test class folders)")
+        return _one_class(
+            cifar.load_source(path),
+            protocol,
+            normal_class,
+            anomalous_class,
+            split_seed,
+            image_size,
+            channels,
+            str(path),
+            common,
+        )
+    protocol = protocol or "custom"
+    _check_protocol(protocol, ("custom",), str(path))
+    seed = DEFAULT_SEEDS[protocol] if split_seed is None else split_seed
+    if path.is_dir():
+        if not (path / "normal").is_dir():
+            raise DataError(
+                f"{path}: expected a normal/ folder (and optionally anomalous/), "
+                "or train/ and test/ class folders"
+            )
+        return custom.image_folder_splits(
+            path, split_seed=seed, image_size=image_size, channels=channels, **common
+        )
+    if path.suffix.lower() not in TABULAR_SUFFIXES:
+        raise DataError(f"{path}: unsupported file type; use .csv, .npz or an image folder")
+    return custom.tabular_splits(
+        path,
+        split_seed=seed,
+        label_column=label_column,
+        symbolic_columns=symbolic_columns,
+        **common,
+    )
+
+
+def _locate(name: str, root: Path) -> object:
+    if name == "kddcup99":
+        return kdd.locate_kdd(root)
+    if name == "cifar10":
+        return cifar.locate_cifar10(root)
+    return idx.locate(name, root)
+
+
+def _one_class(
+    data: LabelledImages,
+    protocol: str,
+    normal_class: str | int | None,
+    anomalous_class: str | int | None,
+    split_seed: int | None,
+    image_size: int | None,
+    channels: int | None,
+    dataset: str,
+    common: dict,
+) -> Splits:
+    seed = DEFAULT_SEEDS[protocol] if split_seed is None else split_seed
+    choices = ", ".join(f"{i}={c}" for i, c in enumerate(data.classes))
+    kwargs = {
+        "split_seed": seed,
+        "image_size": image_size,
+        "channels": channels,
+        "dataset": dataset,
+        **common,
+    }
+    if protocol == "one-class-normal":
+        if anomalous_class is not None:
+            raise DataError("one-class-normal takes normal_class, not anomalous_class")
+        if normal_class is None:
+            raise DataError(f"one-class-normal needs a normal class; choose one of {choices}")
+        return protocols.one_class_normal(data, normal_class, **kwargs)
+    if (
+        normal_class is not None
+        and anomalous_class is not None
+        and data.class_index(normal_class) != data.class_index(anomalous_class)
+    ):
+        raise DataError(
+            "one-class-anomalous: normal_class names the anomalous class here; "
+            "give it once (or use anomalous_class)"
+        )
+    chosen = anomalous_class if anomalous_class is not None else normal_class
+    if chosen is None:
+        raise DataError(f"one-class-anomalous needs the anomalous class; choose one of {choices}")
+    return protocols.one_class_anomalous(data, chosen, **kwargs)
