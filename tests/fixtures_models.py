@@ -1,1 +1,138 @@
-"""Model-repository fixtures for the tests (owned by the service tests)."""
+"""Model-repository fixtures for the tests (owned by the service tests).
+
+Real exported ONNX graphs, built once per session from the training package's models with
+untrained weights (serving does not care whether a model is good, only that the graph,
+manifest and preprocessing are real). Tests that change the repository get a copy."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gansentry.contract import EXPORT_OPSET
+from gansentry.manifest import ImageInput, Manifest, TabularInput, TabularPreprocessing
+from gansentry.preprocessing import encode_columns, fit_tabular
+
+IMAGE_SPEC = ImageInput(channels=1, height=32, width=32)
+IMAGE_MODEL = "digits"
+TABULAR_MODEL = "traffic"
+
+
+def tabular_columns(n: int = 64, seed: int = 0) -> dict[str, list[object]]:
+    """Raw training columns: two numeric fields and one symbolic field."""
+    rng = np.random.default_rng(seed)
+    return {
+        "duration": [float(v) for v in rng.exponential(3.0, n)],
+        "protocol": [str(v) for v in rng.choice(["tcp", "udp", "icmp"], n)],
+        "bytes": [float(v) for v in rng.integers(0, 5000, n)],
+    }
+
+
+def tabular_preprocessing() -> TabularPreprocessing:
+    return fit_tabular(tabular_columns(), symbolic=["protocol"], scaling="minmax")
+
+
+def _scorer(arch: str, spec: ImageInput | TabularInput, seed: int):
+    import torch
+
+    from training.models import build_model
+
+    torch.manual_seed(seed)
+    return build_model(arch, spec).scorer()
+
+
+def export_model(
+    models_dir: Path,
+    name: str,
+    arch: str,
+    spec: ImageInput | TabularInput,
+    sample: np.ndarray,
+    seed: int = 0,
+) -> Manifest:
+    """Export an untrained `arch` for `spec` and publish it as the next version of `name`,
+    with its threshold at the median score of `sample` (so both outcomes occur)."""
+    import torch
+
+    from training.onnx_export import export_onnx, publish
+
+    scorer = _scorer(arch, spec, seed).eval()
+    batch = torch.from_numpy(sample.astype(np.float32))
+    onnx_path = models_dir / f".{name}-{seed}.onnx"
+    rel = export_onnx(scorer, batch, onnx_path)
+    with torch.no_grad():
+        scores = scorer(batch)[0].numpy()
+    threshold = float(np.median(scores))
+    manifest = publish(
+        models_dir,
+        name,
+        onnx_path,
+        {
+            "architecture": arch,
+            "input": spec,
+            "threshold": {
+                "value": threshold,
+                "rule": f"median of {len(scores)} test-fixture scores",
+                "quantile": 0.5,
+                "calibration_size": len(scores),
+            },
+            "provenance": {
+                "dataset": "fixture",
+                "protocol": "untrained",
+                "epochs": 0,
+                "seed": seed,
+            },
+            "metrics": {"auroc": None},
+            "onnx": {"opset": EXPORT_OPSET, "parity_max_rel_diff": rel},
+        },
+    )
+    onnx_path.unlink()
+    return manifest
+
+
+def image_sample(n: int = 16, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).random((n, *IMAGE_SPEC.shape), dtype=np.float32)
+
+
+def tabular_spec() -> TabularInput:
+    prep = tabular_preprocessing()
+    return TabularInput(
+        num_features=prep.num_features,
+        feature_names=prep.feature_names(),
+        preprocessing=prep,
+    )
+
+
+@dataclass(frozen=True)
+class ModelRepo:
+    root: Path
+    image_model: str = IMAGE_MODEL
+    tabular_model: str = TABULAR_MODEL
+
+    def copy_to(self, dest: Path) -> Path:
+        shutil.copytree(self.root, dest)
+        return dest
+
+
+@pytest.fixture(scope="session")
+def model_repo(tmp_path_factory: pytest.TempPathFactory) -> ModelRepo:
+    """digits/1 and digits/2 (GANomaly, 1x32x32 grey), traffic/1 (EGBAD on three raw
+    fields, one symbolic)."""
+    root = tmp_path_factory.mktemp("models")
+    sample = image_sample()
+    export_model(root, IMAGE_MODEL, "ganomaly", IMAGE_SPEC, sample, seed=1)
+    export_model(root, IMAGE_MODEL, "ganomaly", IMAGE_SPEC, sample, seed=2)
+    spec = tabular_spec()
+    assert spec.preprocessing is not None
+    features = encode_columns(tabular_columns(), spec.preprocessing)
+    export_model(root, TABULAR_MODEL, "egbad", spec, features, seed=3)
+    return ModelRepo(root)
+
+
+@pytest.fixture
+def mutable_repo(model_repo: ModelRepo, tmp_path: Path) -> ModelRepo:
+    """A private copy for tests that add, corrupt or remove versions."""
+    return ModelRepo(model_repo.copy_to(tmp_path / "models"))

@@ -1,0 +1,1 @@
+"""HTTP routes: scoring, the model repository, health and metrics."""

@@ -1,0 +1,72 @@
+"""The model repository over HTTP: what is served, by which provider, and reloading it."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+
+from service.api import state
+from service.registry import LoadedModel, ModelNotFound
+from service.schemas import ErrorResponse, ModelInfo, ModelList, ReloadResponse
+from service.security import require_api_key
+
+router = APIRouter(dependencies=[Depends(require_api_key)])
+
+
+def version_info(model: LoadedModel) -> dict:
+    m = model.manifest
+    return {
+        "version": model.ref.version,
+        "architecture": m.architecture,
+        "provider": model.provider,
+        "input": m.input.model_dump(mode="json"),
+        "threshold": m.threshold.model_dump(mode="json"),
+        "metrics": m.metrics,
+        "provenance": m.provenance.model_dump(mode="json"),
+        "sha256": model.sha256,
+        "created_at": m.created_at.isoformat(),
+    }
+
+
+def model_info(name: str, versions: dict[int, LoadedModel]) -> dict:
+    return {
+        "name": name,
+        "latest": max(versions),
+        "versions": [version_info(versions[v]) for v in sorted(versions)],
+    }
+
+
+@router.get("/models", response_model=ModelList, summary="Every served model and version")
+async def list_models(request: Request) -> dict:
+    registry = state.registry(request)
+    return {
+        "models": [model_info(n, registry.models[n]) for n in sorted(registry.models)],
+        "refused": registry.errors,
+    }
+
+
+@router.get(
+    "/models/{name}",
+    response_model=ModelInfo,
+    responses={404: {"model": ErrorResponse}},
+    summary="One model: versions, architecture, input spec, threshold, metrics, provider",
+)
+async def get_model(name: str, request: Request) -> dict:
+    registry = state.registry(request)
+    registry.get(name)  # 404 with the served names when unknown
+    versions = registry.models.get(name)
+    if not versions:
+        raise ModelNotFound(f"unknown model {name!r}")
+    return model_info(name, versions)
+
+
+@router.post(
+    "/admin/reload",
+    response_model=ReloadResponse,
+    summary="Rescan the model repository (also on SIGHUP)",
+)
+async def reload(request: Request) -> dict:
+    """Loads new and changed versions. A version that fails to load is reported in
+    `errors`; if an older copy of it was serving, that copy keeps serving."""
+    errors = await state.reload_models(request.app)
+    registry = state.registry(request)
+    return {"loaded": [m.ref.key for m in registry.all()], "errors": errors}

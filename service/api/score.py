@@ -1,0 +1,247 @@
+"""POST /score: JSON or multipart in, one scored result per input out, in input order.
+
+The body is parsed straight from bytes by pydantic-core and the answer is serialised
+without a response model, because on a couple of cores the per-request overhead, not
+ONNX Runtime, decides throughput. Any batching backend works here: the route only knows
+the `Batcher` protocol and the status each `BatchingError` carries."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi.responses import Response
+from starlette.datastructures import UploadFile
+from starlette.types import Receive
+
+from gansentry.preprocessing import array_to_base64_png
+from service import metrics
+from service.api.errors import error_response
+from service.batching.base import Batcher, DeadlineExceeded, Scored
+from service.inputs import Prepared, prepare_images, prepare_json
+from service.registry import LoadedModel, Registry
+from service.schemas import ErrorResponse, ScoreRequest, ScoreResponse
+from service.security import require_api_key
+from service.settings import Settings
+
+TIMEOUT_HEADER = "X-Request-Timeout-Ms"
+CLIENT_GONE = 499  # nginx's convention; only ever seen in metrics
+THREAD_OFFLOAD_INPUTS = 8  # decode/encode this many images in a thread, not on the loop
+
+T = TypeVar("T")
+
+router = APIRouter(dependencies=[Depends(require_api_key)])
+
+_MULTIPART_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "image": {
+            "type": "array",
+            "items": {"type": "string", "format": "binary"},
+            "description": "one or more PNG/JPEG files (curl -F image=@part.png)",
+        }
+    },
+    "required": ["image"],
+}
+
+
+def _errors(*codes: int) -> dict[int | str, dict]:
+    return {code: {"model": ErrorResponse} for code in codes}
+
+
+@router.post(
+    "/score",
+    summary="Score inputs with a model",
+    response_model=None,
+    responses={200: {"model": ScoreResponse}, **_errors(401, 404, 413, 415, 422, 503, 504)},
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/ScoreRequest"}},
+                "multipart/form-data": {"schema": _MULTIPART_SCHEMA},
+            },
+        }
+    },
+)
+async def score(
+    request: Request,
+    model: str | None = Query(None, description="multipart only: the model name"),
+    version: int | None = Query(None, ge=1, description="multipart only: the model version"),
+    return_reconstruction: bool = Query(False, description="multipart only"),
+) -> Response:
+    """JSON: `{"model", "version"?, "inputs": [{"image"} | {"array"} | {"record"}],
+    "return_reconstruction"?, "timeout_ms"?}`. Multipart: `?model=NAME` with one or more
+    `image` file fields. A bad input fails its whole request with a 422 naming it; inputs
+    past `max_inputs_per_request` are refused with 413."""
+    started = time.perf_counter()
+    metrics.IN_FLIGHT.inc()
+    label, status = "unknown", 500
+    try:
+        app = request.app
+        settings: Settings = app.state.settings
+        registry: Registry = app.state.registry
+        batcher: Batcher = app.state.batcher
+        ctype = request.headers.get("content-type", "")
+        try:
+            if ctype.startswith("multipart/form-data"):
+                if model is None:
+                    raise HTTPException(422, "multipart uploads need ?model=NAME in the URL")
+                loaded = registry.get(model, version)
+                label = model
+                prepared, timeout_ms = await _multipart(request, loaded, settings), None
+                want_recon = return_reconstruction
+            elif ctype.startswith("application/json") or not ctype:
+                body = ScoreRequest.model_validate_json(await request.body())
+                loaded = registry.get(body.model, body.version)
+                label = body.model
+                _check_count(len(body.inputs), settings)
+                prepared = await _offload(
+                    len(body.inputs),
+                    prepare_json,
+                    body.inputs,
+                    loaded.manifest,
+                    settings.max_image_pixels,
+                )
+                timeout_ms, want_recon = body.timeout_ms, body.return_reconstruction
+            else:
+                raise HTTPException(
+                    415, f"send application/json or multipart/form-data, not {ctype!r}"
+                )
+            timeout_s = _timeout_s(request, timeout_ms, settings)
+            scored = await _submit(request, batcher, loaded, prepared, timeout_s)
+            if scored is None:
+                status = CLIENT_GONE
+                return Response(status_code=CLIENT_GONE)
+            payload = await _offload(
+                len(prepared.kinds) if want_recon else 0,
+                _payload,
+                loaded,
+                prepared,
+                scored,
+                want_recon,
+            )
+        except Exception as e:
+            answer = error_response(e)
+            if answer is None:
+                raise
+            status = answer.status_code
+            return answer
+        status = 200
+        return Response(json.dumps(payload), media_type="application/json")
+    finally:
+        metrics.IN_FLIGHT.dec()
+        code = str(status)
+        metrics.REQUESTS.labels(label, code).inc()
+        metrics.REQUEST_LATENCY.labels(label, code).observe(time.perf_counter() - started)
+
+
+def _check_count(n: int, settings: Settings) -> None:
+    if n > settings.max_inputs_per_request:
+        raise HTTPException(
+            413,
+            f"{n} inputs is over the limit of {settings.max_inputs_per_request} per request; "
+            "split them across requests",
+        )
+
+
+async def _multipart(request: Request, loaded: LoadedModel, settings: Settings) -> Prepared:
+    limit = settings.max_inputs_per_request
+    form = await request.form(max_files=limit + 1, max_fields=limit + 1)
+    try:
+        images: list[bytes] = []
+        for key, value in form.multi_items():
+            if key != "image":
+                raise HTTPException(
+                    422, f"unexpected multipart field {key!r}; send files as 'image' fields"
+                )
+            if not isinstance(value, UploadFile):
+                raise HTTPException(422, f"inputs[{len(images)}]: 'image' must be a file upload")
+            images.append(await value.read())
+    finally:
+        await form.close()
+    if not images:
+        raise HTTPException(422, "no 'image' file fields in the multipart body")
+    _check_count(len(images), settings)
+    return await _offload(
+        len(images), prepare_images, images, loaded.manifest, settings.max_image_pixels
+    )
+
+
+def _timeout_s(request: Request, body_ms: float | None, settings: Settings) -> float:
+    limit = settings.request_timeout_ms
+    ms = body_ms
+    header = request.headers.get(TIMEOUT_HEADER)
+    if ms is None and header is not None:
+        try:
+            ms = float(header)
+        except ValueError:
+            ms = -1.0
+        if not ms > 0:
+            raise HTTPException(422, f"{TIMEOUT_HEADER} must be a positive number of milliseconds")
+    return min(ms or limit, limit) / 1000.0
+
+
+async def _submit(
+    request: Request, batcher: Batcher, loaded: LoadedModel, prepared: Prepared, timeout_s: float
+) -> Scored | None:
+    """Wait for the batcher, the deadline or the client hanging up, whichever comes first;
+    a request nobody waits for any more is cancelled so its inputs leave the queue."""
+    job = asyncio.ensure_future(batcher.submit(loaded.ref, prepared.x, time.time() + timeout_s))
+    watch = asyncio.ensure_future(_disconnected(request.receive))
+    try:
+        await asyncio.wait((job, watch), timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if job.done():
+        return job.result()
+    job.cancel()
+    if watch.done() and not watch.cancelled():
+        return None
+    raise DeadlineExceeded(f"no result within the request's deadline of {timeout_s * 1000:g} ms")
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _offload(n: int, fn: Callable[..., T], *args: object) -> T:
+    """Image decoding and PNG encoding release the GIL: big requests go to a thread so the
+    event loop keeps accepting others; small ones stay inline, where a hop costs more."""
+    if n >= THREAD_OFFLOAD_INPUTS:
+        return await asyncio.to_thread(fn, *args)
+    return fn(*args)
+
+
+def _payload(loaded: LoadedModel, prepared: Prepared, scored: Scored, want_recon: bool) -> dict:
+    threshold = loaded.threshold
+    scores = scored.scores.tolist()
+    results: list[dict] = []
+    for i, s in enumerate(scores):
+        result: dict = {"score": s, "is_anomaly": s > threshold}
+        if want_recon:
+            recon = scored.reconstructions[i]
+            result["reconstruction"] = (
+                array_to_base64_png(recon) if prepared.kinds[i] == "image" else recon.tolist()
+            )
+        results.append(result)
+    name = loaded.ref.name
+    anomalies = sum(1 for r in results if r["is_anomaly"])
+    metrics.INPUTS.labels(name).inc(len(scores))
+    if anomalies:
+        metrics.ANOMALIES.labels(name).inc(anomalies)
+    if threshold > 0:
+        ratio = metrics.SCORE_RATIO.labels(name)
+        for s in scores:
+            ratio.observe(s / threshold)
+    return {
+        "model": name,
+        "version": loaded.ref.version,
+        "threshold": threshold,
+        "results": results,
+    }

@@ -1,0 +1,115 @@
+"""The FastAPI application: `create_app(settings)` wires the model registry, the batching
+backend, API keys, the body limit and the routes.
+
+One process per container (scale with replicas): the registry, the batcher and the
+Prometheus metrics all live in this process, so no multiprocess metrics mode is needed."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
+
+from gansentry import __version__
+from service.api import health, models, score, state
+from service.api.errors import error_response
+from service.batching import create_batcher
+from service.batching.base import BatchingError
+from service.inputs import InputsInvalid
+from service.providers import ProviderError
+from service.registry import ModelNotFound, Registry
+from service.schemas import ScoreRequest
+from service.security import BodyLimitMiddleware
+from service.settings import Settings
+
+log = logging.getLogger("gansentry.service")
+
+DESCRIPTION = """Anomaly scores from GAN models exported to ONNX.
+
+`POST /score` takes base64 images, arrays in the model's input shape, or raw tabular
+records (JSON), or `image` file uploads (multipart). `GET /models` lists what is served.
+Send `X-API-Key` when the server is configured with keys; `/healthz`, `/readyz` and
+`/metrics` are open."""
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    try:
+        registry = await asyncio.to_thread(Registry(settings.models_dir, settings).load)
+    except ProviderError as e:
+        log.critical("cannot start: %s", e)
+        raise
+    state.publish_model_info(registry)
+    batcher = create_batcher(settings, registry)
+    await batcher.start()
+    app.state.registry = registry
+    app.state.batcher = batcher
+    app.state.reload_lock = asyncio.Lock()
+    loop = asyncio.get_running_loop()
+    reloads: set[asyncio.Task[Any]] = set()
+
+    def on_sighup() -> None:
+        log.info("SIGHUP: reloading models from %s", settings.models_dir)
+        task = loop.create_task(state.reload_models(app))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    try:
+        loop.add_signal_handler(signal.SIGHUP, on_sighup)
+        sighup = True
+    except (NotImplementedError, RuntimeError, ValueError, AttributeError):
+        sighup = False  # not the main thread (test clients), or no SIGHUP on this OS
+    try:
+        yield
+    finally:
+        if sighup:
+            loop.remove_signal_handler(signal.SIGHUP)
+        await batcher.stop()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    app = FastAPI(
+        title="gansentry",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.include_router(score.router, tags=["scoring"])
+    app.include_router(models.router, tags=["models"])
+    app.include_router(health.router, tags=["operations"])
+    for exc in (InputsInvalid, ModelNotFound, BatchingError):
+        app.add_exception_handler(exc, _handle)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    return app
+
+
+async def _handle(request: Request, exc: Exception) -> JSONResponse:
+    answer = error_response(exc)
+    if answer is None:
+        raise exc
+    return answer
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """/score parses its body itself (for speed), so its schema is added here by hand."""
+    if app.openapi_schema is None:
+        schema = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
+        request = ScoreRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components.update(request.pop("$defs", {}))
+        components["ScoreRequest"] = request
+        app.openapi_schema = schema
+    return app.openapi_schema

@@ -1,0 +1,88 @@
+"""Optional API keys (`X-API-Key`) and the request-body limit.
+
+Keys are compared with `hmac.compare_digest` against every configured key, so the time a
+check takes does not reveal how much of a guess matched or which key it was close to."""
+
+from __future__ import annotations
+
+import hmac
+import json
+
+from fastapi import HTTPException, Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+API_KEY_HEADER = "X-API-Key"
+
+
+def key_matches(given: str, keys: frozenset[str]) -> bool:
+    candidate = given.encode()
+    ok = False
+    for key in keys:
+        ok |= hmac.compare_digest(candidate, key.encode())
+    return ok
+
+
+def require_api_key(request: Request) -> None:
+    """FastAPI dependency for every route except /healthz, /readyz, /metrics and the docs."""
+    keys: frozenset[str] = request.app.state.settings.keys
+    if not keys:
+        return
+    given = request.headers.get(API_KEY_HEADER)
+    if given is None:
+        raise HTTPException(401, f"missing {API_KEY_HEADER} header", {"WWW-Authenticate": "ApiKey"})
+    if not key_matches(given, keys):
+        raise HTTPException(401, f"invalid {API_KEY_HEADER}", {"WWW-Authenticate": "ApiKey"})
+
+
+class BodyLimitMiddleware:
+    """413 for bodies over `max_bytes`: at once from Content-Length, and while reading for
+    chunked or lying clients, so an oversized body is never buffered whole."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = 0
+                if declared > self.max_bytes:
+                    await self._reject(send, declared)
+                    return
+                break
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise HTTPException(413, self._message(received))
+            return message
+
+        await self.app(scope, limited, send)
+
+    def _message(self, size: int) -> str:
+        return f"request body of {size}+ bytes is over the limit of {self.max_bytes} bytes"
+
+    async def _reject(self, send: Send, size: int) -> None:
+        body = json.dumps({"detail": self._message(size)}).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
