@@ -1,0 +1,365 @@
+"""The training loop behind `gansentry train`: seeded, checkpointed every epoch, resumable
+exactly, selecting its checkpoint and calibrating its threshold on held-out normal data
+only (never on test labels)."""
+
+from __future__ import annotations
+
+import json
+import random
+import resource
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from gansentry.manifest import Threshold, atomic_write
+from training.models import AnomalyGAN, build_model, default_hparams
+from training.runs import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    HISTORY_FILE,
+    LAST_CHECKPOINT,
+    RUN_FILE,
+    SELECTED_CHECKPOINT,
+    RunError,
+    RunInfo,
+    load_checkpoint,
+    save_checkpoint,
+    score_array,
+)
+
+if TYPE_CHECKING:
+    from training.data import Splits
+
+# Fields that may change between an interrupted run and its resume.
+RESUMABLE_FIELDS = frozenset({"epochs", "resume", "out", "device", "download", "data_root"})
+
+
+@dataclass
+class TrainConfig:
+    model: str
+    dataset: str
+    protocol: str | None = None
+    normal_class: str | None = None
+    epochs: int | None = None
+    seed: int = 0
+    out: Path = Path("runs/run")
+    resume: bool = False
+    device: str = "auto"
+    batch_size: int | None = None
+    lr: float | None = None
+    data_root: Path | None = None
+    download: bool = False
+    image_size: int | None = None
+    max_train: int | None = None
+    label_column: str | None = None
+    symbolic_columns: list[str] | None = None
+    threshold_quantile: float = 0.99
+    hparams: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self), default=str))
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda"):
+        raise RunError(f"unknown device {device!r}; choose auto, cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RunError("device 'cuda' requested but no CUDA GPU is available")
+    return torch.device(device)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached": float(np_state[4]),
+        },
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    n = state["numpy"]
+    keys = n["keys"].cpu().numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, n["pos"], n["has_gauss"], n["cached"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def _peak_memory_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def percentile_name(q: float) -> str:
+    p = f"{q * 100:.4g}"
+    suffix = "th"
+    if not p.endswith(("11", "12", "13")):
+        suffix = {"1": "st", "2": "nd", "3": "rd"}.get(p[-1], "th")
+    return f"{p}{suffix} percentile"
+
+
+def _prepare_dir(out: Path, config: dict[str, Any], resume: bool) -> bool:
+    """-> whether a checkpoint exists to resume from. Refuses to mix two runs."""
+    config_path = out / CONFIG_FILE
+    if config_path.is_file():
+        if not resume:
+            state = "a finished run" if (out / RUN_FILE).is_file() else "an unfinished run"
+            raise RunError(
+                f"{out} already holds {state}; pass --resume to continue it or choose another --out"
+            )
+        try:
+            old = json.loads(config_path.read_text())
+        except ValueError as e:
+            raise RunError(f"{config_path}: corrupt config ({e})") from e
+        diff = sorted(
+            k
+            for k in set(old) | set(config)
+            if k not in RESUMABLE_FIELDS and old.get(k) != config.get(k)
+        )
+        if diff:
+            changes = ", ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in diff)
+            raise RunError(
+                f"cannot resume {out}: its {CONFIG_FILE} differs ({changes}); "
+                "use the same settings or another --out"
+            )
+        atomic_write(config_path, json.dumps(config, indent=2).encode())
+        return (out / CHECKPOINT_DIR / LAST_CHECKPOINT).is_file()
+    if out.exists() and any(out.iterdir()):
+        raise RunError(f"{out} exists and is not a run directory; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(config_path, json.dumps(config, indent=2).encode())
+    return False
+
+
+def _load_splits(cfg: TrainConfig) -> Splits:
+    from training.data import load_splits
+
+    return load_splits(
+        cfg.dataset,
+        cfg.protocol,
+        normal_class=cfg.normal_class,
+        root=cfg.data_root,
+        image_size=cfg.image_size,
+        download=cfg.download,
+        label_column=cfg.label_column,
+        symbolic_columns=cfg.symbolic_columns,
+        max_train=cfg.max_train,
+    )
+
+
+def resolve_hparams(cfg: TrainConfig, spec: Any) -> dict[str, Any]:
+    h = default_hparams(cfg.model, spec)
+    unknown = sorted(set(cfg.hparams) - set(h))
+    if unknown:
+        raise RunError(f"unknown hyperparameter(s) {unknown} for {cfg.model}; valid: {sorted(h)}")
+    h.update(cfg.hparams)
+    for key in ("epochs", "batch_size", "lr"):
+        if getattr(cfg, key) is not None:
+            h[key] = getattr(cfg, key)
+    if h["epochs"] < 1 or h["batch_size"] < 1 or h["lr"] <= 0:
+        raise RunError("epochs and batch_size must be >= 1 and lr > 0")
+    return h
+
+
+def _val_stats(model: AnomalyGAN, val: torch.Tensor, batch_size: int = 256) -> dict[str, float]:
+    model.eval()
+    scores, metrics = [], []
+    with torch.no_grad():
+        for i in range(0, len(val), batch_size):
+            xb = val[i : i + batch_size]
+            scores.append(model.score(xb)[0])
+            metrics.append(model.selection_metric(xb))
+    model.train()
+    return {
+        "val_score_mean": float(torch.cat(scores).mean()),
+        "val_selection_metric": float(torch.cat(metrics).mean()),
+    }
+
+
+def _run_epoch(
+    model: AnomalyGAN,
+    train: torch.Tensor,
+    batch_size: int,
+    gen: torch.Generator,
+    desc: str,
+    progress: bool,
+) -> dict[str, float]:
+    n = len(train)
+    bs = min(batch_size, n)
+    # Full batches only: a final batch of one sample would break BatchNorm.
+    steps = n // bs
+    perm = torch.randperm(n, generator=gen).to(train.device)
+    sums: dict[str, float] = {}
+    bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+    for step in bar:
+        losses = model.training_step(train[perm[step * bs : (step + 1) * bs]])
+        for k, v in losses.items():
+            sums[k] = sums.get(k, 0.0) + v
+        bar.set_postfix({k: f"{v:.4g}" for k, v in losses.items()}, refresh=False)
+    return {f"loss_{k}": v / steps for k, v in sums.items()}
+
+
+def train(cfg: TrainConfig, splits: Splits | None = None, progress: bool = True) -> Path:
+    """Train (or resume) the run in `cfg.out` and return the run directory."""
+    from training.models import ARCHITECTURES
+
+    if cfg.model not in ARCHITECTURES:
+        raise RunError(f"unknown model {cfg.model!r}; choose one of {', '.join(ARCHITECTURES)}")
+    if not 0.0 < cfg.threshold_quantile < 1.0:
+        raise RunError(f"threshold_quantile must be in (0, 1), got {cfg.threshold_quantile}")
+    out = Path(cfg.out)
+    config = {**cfg.to_dict(), "resume": False}
+    device = resolve_device(cfg.device)
+    if splits is None:
+        splits = _load_splits(cfg)
+    if len(splits.train) == 0 or len(splits.val) == 0:
+        raise RunError(
+            f"{splits.dataset}: need training and validation normals, got "
+            f"{len(splits.train)} and {len(splits.val)}"
+        )
+    h = resolve_hparams(cfg, splits.input_spec)
+    resuming = _prepare_dir(out, config, cfg.resume)
+
+    seed_everything(cfg.seed)
+    model = build_model(cfg.model, splits.input_spec, **h).to(device)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    history: list[dict[str, Any]] = []
+    best: dict[str, Any] = {"epoch": 0, "metric": float("inf")}
+    seconds, peak = 0.0, 0.0
+    ckpt_dir = out / CHECKPOINT_DIR
+    if resuming:
+        state = load_checkpoint(ckpt_dir / LAST_CHECKPOINT, str(device))
+        model.load_training_state(state["model_state"])
+        gen.set_state(state["shuffle_rng"].cpu())
+        _set_rng_state(state["rng"])
+        history, best = state["history"], state["best"]
+        seconds, peak = state["training_seconds"], state["peak_memory_mb"]
+
+    train_x = torch.as_tensor(splits.train, dtype=torch.float32, device=device)
+    val_x = torch.as_tensor(splits.val, dtype=torch.float32, device=device)
+    epochs = h["epochs"]
+    for epoch in range(len(history) + 1, epochs + 1):
+        t0 = time.perf_counter()
+        losses = _run_epoch(
+            model, train_x, h["batch_size"], gen, f"{cfg.model} epoch {epoch}/{epochs}", progress
+        )
+        row = {"epoch": epoch, **losses, **_val_stats(model, val_x)}
+        seconds += time.perf_counter() - t0
+        row["seconds"] = round(seconds, 3)
+        history.append(row)
+        peak = max(peak, _peak_memory_mb())
+        if row["val_selection_metric"] <= best["metric"]:
+            best = {"epoch": epoch, "metric": row["val_selection_metric"]}
+            save_checkpoint(
+                ckpt_dir / SELECTED_CHECKPOINT, {"epoch": epoch, "model": model.state_dict()}
+            )
+        save_checkpoint(
+            ckpt_dir / LAST_CHECKPOINT,
+            {
+                "epoch": epoch,
+                "model_state": model.training_state(),
+                "shuffle_rng": gen.get_state(),
+                "rng": _rng_state(),
+                "history": history,
+                "best": best,
+                "training_seconds": seconds,
+                "peak_memory_mb": peak,
+            },
+        )
+        atomic_write(out / HISTORY_FILE, "".join(json.dumps(r) + "\n" for r in history).encode())
+        if progress:
+            shown = {k: f"{v:.4g}" for k, v in row.items() if k != "epoch"}
+            tqdm.write(f"{cfg.model} epoch {epoch}/{epochs}: {shown}")
+
+    return _finish(out, cfg, config, splits, model, h, history, best, seconds, peak, device)
+
+
+def _finish(
+    out: Path,
+    cfg: TrainConfig,
+    config: dict[str, Any],
+    splits: Splits,
+    model: AnomalyGAN,
+    h: dict[str, Any],
+    history: list[dict[str, Any]],
+    best: dict[str, Any],
+    seconds: float,
+    peak: float,
+    device: torch.device,
+) -> Path:
+    """Load the selected weights, calibrate the threshold on validation normals, and
+    write run.json (whose presence marks the run finished)."""
+    selected = load_checkpoint(out / CHECKPOINT_DIR / SELECTED_CHECKPOINT, str(device))
+    model.load_state_dict(selected["model"])
+    scores, _ = score_array(model, splits.val)
+    q = cfg.threshold_quantile
+    threshold = Threshold(
+        value=float(np.quantile(scores.astype(np.float64), q)),
+        rule=(
+            f"{percentile_name(q)} of {len(scores):,} validation-normal scores "
+            f"(epoch {selected['epoch']})"
+        ),
+        quantile=q,
+        calibration_size=len(scores),
+    )
+    info = RunInfo(
+        config=config,
+        input_spec=splits.input_spec,
+        threshold=threshold,
+        selected_epoch=int(selected["epoch"]),
+        epochs_done=len(history),
+        training_seconds=round(seconds, 3),
+        peak_memory_mb=round(peak, 1),
+        history=history,
+        dataset=splits.dataset,
+        protocol=splits.protocol,
+        normal_classes=[str(c) for c in splits.normal_classes],
+        anomalous_classes=[str(c) for c in splits.anomalous_classes],
+        split_seed=int(splits.split_seed),
+        seed=cfg.seed,
+        git_commit=git_commit(),
+        hparams=h,
+        arch=cfg.model,
+        selection_rule=model.selection_rule,
+        device=str(device),
+    )
+    atomic_write(out / RUN_FILE, info.to_json().encode())
+    return out
