@@ -95,3 +95,8 @@ WORKER_ERRORS = Counter(
 EXPIRED = Counter(
     "gansentry_expired_total", "Requests dropped because their deadline had passed", ["model"]
 )
+DUPLICATES = Counter(
+    "gansentry_duplicates_skipped_total",
+    "Redelivered entries whose answer had already been delivered (acked, not recomputed)",
+    ["model"],
+)

