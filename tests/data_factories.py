@@ -122,6 +122,7 @@ def class_images(
         img[i, r : r + band, 2:-2] = 200 + rng.integers(0, 55)
     if channels == 1:
         return img
+    labels = np.asarray(labels, dtype=np.int64)
     tint = np.stack([(labels * 25) % 256, (labels * 70) % 256, (labels * 130) % 256], axis=1)
     rgb = np.repeat(img[..., None], 3, axis=3).astype(np.int32)
     rgb = rgb // 2 + tint[:, None, None, :].astype(np.int32) // 2

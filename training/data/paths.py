@@ -43,5 +43,5 @@ def missing(what: str, dirs: Iterable[Path], names: Iterable[str]) -> DataError:
     looked = ", ".join(str(d) for d in dirs)
     return DataError(
         f"{what} not found: looked for {' or '.join(names)} in {looked}; "
-        "pass --download to fetch it, or --data-root / GANSENTRY_DATA to point at it"
+        "download it (--download) or point GANSENTRY_DATA (or the data root option) at it"
     )
