@@ -105,7 +105,10 @@ def download(
     if dataset not in FILES:
         raise DataError(f"no download for {dataset!r}; downloadable: {', '.join(FILES)}")
     folder = root / dataset
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"{folder}: cannot create the download folder ({e})") from e
     base = base_url or os.environ.get(BASE_URL_ENV)
     bases = [f"{base.rstrip('/')}/{dataset}/"] if base else BASE_URLS[dataset]
     for remote in FILES[dataset]:
