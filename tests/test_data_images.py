@@ -104,6 +104,12 @@ def test_split_seed_is_fixed_by_default_and_changes_on_request(tmp_path):
     assert not np.array_equal(a.val, c.val)
 
 
+def test_small_classes_still_hold_out_a_validation_sample(tmp_path):
+    root = make_mnist(tmp_path, n_train=50, n_test=20)
+    s = load_splits("mnist", normal_class=6, root=root)
+    assert (len(s.train), len(s.val)) == (4, 1)
+
+
 def test_max_train_caps_training_samples_only(tmp_path):
     root = make_mnist(tmp_path, n_train=400, n_test=50)
     s = load_splits("mnist", normal_class=5, root=root, max_train=10)

@@ -169,8 +169,10 @@ def kdd_dagmm_splits(
         raise DataError(f"{path}: needs both 'normal.' and attack records, found only one kind")
     train_half, test_half = train_test_split(np.arange(n), test_size=0.5, random_state=split_seed)
     pool = train_half[labels[train_half] == 0]
+    if len(pool) < 2:
+        raise DataError(f"{path}: only {len(pool)} attack record(s) in the training half")
     pool = pool[np.random.RandomState(split_seed + 1).permutation(len(pool))]
-    n_val = int(round(len(pool) * val_fraction))
+    n_val = max(1, int(round(len(pool) * val_fraction)))
     val_rows, train_rows = np.sort(pool[:n_val]), np.sort(pool[n_val:])
     if max_train is not None and len(train_rows) > max_train:
         keep = np.random.RandomState(split_seed + 2).permutation(len(train_rows))[:max_train]

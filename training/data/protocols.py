@@ -15,7 +15,7 @@ TRAIN_FRACTION_ANOMALOUS = 0.8  # GANomaly: pooled normals split 80/20
 def _hold_out(rows: np.ndarray, fraction: float, rng: np.random.RandomState) -> tuple:
     """(train, val) index arrays: a random `fraction` of rows held out as validation."""
     rows = rows[rng.permutation(len(rows))]
-    n_val = int(round(len(rows) * fraction))
+    n_val = max(1, int(round(len(rows) * fraction)))
     if len(rows) - n_val < 1:
         raise DataError(f"only {len(rows)} normal training samples: too few to hold out a val set")
     return np.sort(rows[n_val:]), np.sort(rows[:n_val])
