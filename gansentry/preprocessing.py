@@ -119,12 +119,18 @@ def fit_tabular(
     columns: Mapping[str, Sequence[object] | np.ndarray],
     symbolic: Sequence[str],
     scaling: str = "minmax",
+    vocabularies: Mapping[str, Sequence[str]] | None = None,
 ) -> TabularPreprocessing:
-    """Learn vocabularies and scaling from the training split's raw columns (in order)."""
+    """Learn vocabularies and scaling from the training split's raw columns (in order).
+    `vocabularies` fixes a symbolic column's categories up front (a published encoding such
+    as KDD99's 121 features lists categories the training split may lack)."""
     specs: list[Column] = []
     for name, values in columns.items():
         if name in symbolic:
-            vocab = sorted({str(v) for v in values})
+            if vocabularies and name in vocabularies:
+                vocab = [str(v) for v in vocabularies[name]]
+            else:
+                vocab = sorted({str(v) for v in values})
             specs.append(Column(name=name, kind="symbolic", vocabulary=vocab))
         else:
             specs.append(Column(name=name, kind="numeric"))
