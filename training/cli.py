@@ -7,11 +7,12 @@ CliError line naming the problem; anything else is a bug and keeps its traceback
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import get_args
+from typing import Any, get_args
 
 from gansentry.cli import CliError
 from gansentry.manifest import Architecture
@@ -80,6 +81,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--label-column", help="CSV/NPZ column with 0/1 or normal/anomalous labels")
     t.add_argument("--symbolic-columns", help="comma-separated CSV columns to one-hot encode")
     t.add_argument("--threshold-quantile", type=float, default=0.99)
+    t.add_argument(
+        "--hparam",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a model hyperparameter, e.g. latent_dim=16 or enc_hidden=[32] (repeatable)",
+    )
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(run=run_train)
 
@@ -110,6 +118,20 @@ def _positive(value: int | float | None, what: str) -> None:
         raise CliError(f"{what} must be positive, got {value}")
 
 
+def parse_hparams(items: list[str]) -> dict[str, Any]:
+    """KEY=VALUE pairs; VALUE is read as JSON (numbers, lists, true/false) or kept a string."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise CliError(f"--hparam {item!r}: expected KEY=VALUE")
+        try:
+            out[key.strip()] = json.loads(value)
+        except ValueError:
+            out[key.strip()] = value
+    return out
+
+
 def run_train(args: argparse.Namespace) -> int:
     _check_choice(args.model, MODELS, "model")
     _check_choice(args.device, DEVICES, "device")
@@ -123,6 +145,7 @@ def run_train(args: argparse.Namespace) -> int:
         _positive(value, what)
     if not 0 < args.threshold_quantile < 1:
         raise CliError(f"--threshold-quantile must be in (0, 1), got {args.threshold_quantile}")
+    hparams = parse_hparams(args.hparam)
     with user_errors():
         from training.train import TrainConfig, train
 
@@ -145,6 +168,7 @@ def run_train(args: argparse.Namespace) -> int:
             label_column=args.label_column,
             symbolic_columns=_columns(args.symbolic_columns),
             threshold_quantile=args.threshold_quantile,
+            hparams=hparams,
         )
         run_dir = train(cfg, progress=not args.no_progress)
     print(run_dir)

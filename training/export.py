@@ -6,6 +6,8 @@ model repository describe exactly the graph that is served."""
 
 from __future__ import annotations
 
+import json
+import logging
 import re
 import tempfile
 from pathlib import Path
@@ -15,8 +17,8 @@ import numpy as np
 
 from gansentry.manifest import Manifest, Provenance
 from training.evaluate import (
-    _get,
     check_shape,
+    config_value,
     cpu_session,
     data_options,
     run_request,
@@ -45,8 +47,8 @@ def check_name(name: str) -> None:
 def _scalar(v: Any) -> float | int | str | bool | None:
     if v is None or isinstance(v, bool | int | float | str):
         return v
-    if isinstance(v, list | tuple):
-        return ",".join(str(i) for i in v)
+    if isinstance(v, list | tuple | dict):
+        return json.dumps(v)
     return str(v)
 
 
@@ -55,8 +57,8 @@ def hyperparameters(cfg: Any, hparams: dict[str, Any], split_seed: int | None) -
     rebuild the run's split (see `training.evaluate.data_options`)."""
     out: dict[str, Any] = {k: _scalar(v) for k, v in (hparams or {}).items()}
     for key in ("batch_size", "lr", "image_size", "threshold_quantile"):
-        if _get(cfg, key) is not None:
-            out.setdefault(key, _scalar(_get(cfg, key)))
+        if config_value(cfg, key) is not None:
+            out.setdefault(key, _scalar(config_value(cfg, key)))
     out.update(data_options(cfg, split_seed))
     return out
 
@@ -90,6 +92,11 @@ def export_run(
     import torch
 
     from training.onnx_export import export_onnx, publish
+
+    # The exporter logs every optimisation pass, and a warning per missing torchvision op.
+    for noisy in ("onnx_ir", "onnxscript"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     from training.runs import load_run
 
     model, info = load_run(run_dir, device="cpu")
@@ -119,7 +126,7 @@ def export_run(
             hyperparameters=hyperparameters(cfg, info.hparams, info.split_seed),
         )
         fields = {
-            "architecture": str(_get(cfg, "model")),
+            "architecture": info.arch or str(config_value(cfg, "model")),
             "input": spec,
             "threshold": info.threshold,
             "provenance": provenance,
