@@ -7,8 +7,11 @@ manifest and preprocessing are real). Tests that change the repository get a cop
 from __future__ import annotations
 
 import shutil
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -136,3 +139,74 @@ def model_repo(tmp_path_factory: pytest.TempPathFactory) -> ModelRepo:
 def mutable_repo(model_repo: ModelRepo, tmp_path: Path) -> ModelRepo:
     """A private copy for tests that add, corrupt or remove versions."""
     return ModelRepo(model_repo.copy_to(tmp_path / "models"))
+
+
+# ---------------------------------------------------------------- serving helpers
+
+
+def png_bytes(pixels: np.ndarray, fmt: str = "PNG") -> bytes:
+    """uint8 [H, W] (grey) or [H, W, 3] -> encoded image bytes."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def b64(data: bytes) -> str:
+    import base64
+
+    return base64.b64encode(data).decode("ascii")
+
+
+def random_pixels(h: int = 28, w: int = 28, seed: int = 0, channels: int = 1) -> np.ndarray:
+    shape = (h, w) if channels == 1 else (h, w, channels)
+    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+def add_version(repo_root: Path, name: str, source_version: int, new_version: int) -> Path:
+    """Copy an existing version under a new number, with its manifest renumbered."""
+    src = repo_root / name / str(source_version)
+    dest = repo_root / name / str(new_version)
+    shutil.copytree(src, dest)
+    Manifest.load(dest).model_copy(update={"version": new_version}).save(dest)
+    return dest
+
+
+@asynccontextmanager
+async def serving(repo_root: Path, **settings: object) -> AsyncIterator[ServedApp]:
+    """The real app with its lifespan (registry, batcher) and an in-process HTTP client."""
+    import httpx
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    app = create_app(Settings(models_dir=repo_root, **settings))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://gansentry", timeout=60
+        ) as client:
+            yield ServedApp(app, client)
+
+
+@dataclass
+class ServedApp:
+    app: Any
+    client: Any
+
+    @property
+    def registry(self) -> Any:
+        return self.app.state.registry
+
+    @property
+    def batcher(self) -> Any:
+        return self.app.state.batcher
+
+
+def metric(name: str, **labels: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value(name, labels) or 0.0

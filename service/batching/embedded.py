@@ -235,17 +235,16 @@ class EmbeddedBatcher:
 
     async def _compute(self, ref: ModelRef, batch: list[_Chunk]) -> None:
         model = self.registry.get(ref.name, ref.version)
-        if len(batch) == 1 and batch[0].count == len(batch[0].request.x):
-            x = batch[0].request.x
-        else:
-            x = np.concatenate([c.request.x[c.start : c.start + c.count] for c in batch])
         loop = asyncio.get_running_loop()
         try:
+            if len(batch) == 1 and batch[0].count == len(batch[0].request.x):
+                x = batch[0].request.x
+            else:
+                x = np.concatenate([c.request.x[c.start : c.start + c.count] for c in batch])
             scores, recons = await loop.run_in_executor(self._executor, _timed_run, model, x)
         except Exception as e:
-            log.warning(
-                "batch of %d for %s failed (%s); retrying inputs one by one", len(x), ref.key, e
-            )
+            size = sum(c.count for c in batch)
+            log.warning("batch of %d for %s failed (%s); retrying one by one", size, ref.key, e)
             await loop.run_in_executor(self._executor, self._retry_singly, model, batch)
             return
         offset = 0
