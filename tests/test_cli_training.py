@@ -110,3 +110,46 @@ def test_export_rejects_bad_names_before_touching_disk(capsys, tmp_path, name, n
 def test_export_missing_run(capsys, tmp_path):
     code, _, err = run_cli(capsys, "export", str(tmp_path / "gone"), "--name", "m")
     assert_one_error_line(code, err, "export", "gone", "no such run folder")
+
+
+@pytest.fixture
+def datasets(tmp_path):
+    from tests.data_factories import make_csv, make_mnist
+
+    make_mnist(tmp_path / "good", n_train=40, n_test=20)
+    make_mnist(tmp_path / "corrupt", n_train=40, n_test=20)
+    (tmp_path / "corrupt" / "mnist" / "train-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8bjunk")
+    make_csv(tmp_path / "table.csv")
+    (tmp_path / "nan.csv").write_text("a,b,colour,label\n1,2,red,0\n1,nan,red,0\n")
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["--dataset", "imagenet"], ["dataset 'imagenet'"]),
+        (["--dataset", "mnist", "--normal-class", "42", "--data-root", "{d}/good"], ["'42'"]),
+        (["--dataset", "mnist", "--normal-class", "3", "--data-root", "{d}/none"], ["not found"]),
+        (
+            ["--dataset", "mnist", "--normal-class", "3", "--data-root", "{d}/corrupt"],
+            ["train-images-idx3-ubyte.gz"],
+        ),
+        (["--dataset", "{d}/table.csv", "--label-column", "kind"], ["table.csv", "'kind'"]),
+        (
+            ["--dataset", "{d}/nan.csv", "--label-column", "label", "--symbolic-columns", "colour"],
+            ["nan.csv", "'b'"],
+        ),
+    ],
+)
+def test_train_data_errors_name_the_file_or_field(capsys, datasets, args, needles):
+    out = datasets / "run"
+    argv = ["train", "--model", "memgan", *[a.format(d=datasets) for a in args], "--out", str(out)]
+    code, _, err = run_cli(capsys, *argv)
+    assert_one_error_line(code, err, "train", *needles)
+    assert not out.exists()
+
+
+def test_hparam_must_be_key_value(capsys, tmp_path):
+    args = ["train", "--model", "egbad", "--dataset", "mnist", "--out", str(tmp_path / "r")]
+    code, _, err = run_cli(capsys, *args, "--hparam", "latent_dim")
+    assert_one_error_line(code, err, "train", "KEY=VALUE")

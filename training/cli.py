@@ -38,7 +38,13 @@ def user_errors() -> Iterator[None]:
         name = e.filename or str(e)
         raise CliError(f"{name}: file not found") from e
     except (ValueError, OSError) as e:
-        raise CliError(str(e).strip("'\"") or type(e).__name__) from e
+        raise CliError(one_line(str(e).strip("'\"")) or type(e).__name__) from e
+
+
+def one_line(message: str, limit: int = 400) -> str:
+    """Messages from lower layers may quote multi-line library errors; the CLI prints one."""
+    text = " ".join(message.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _columns(text: str | None) -> list[str] | None:

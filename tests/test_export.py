@@ -1,0 +1,193 @@
+"""End to end through the console commands on tiny generated datasets: train, evaluate the
+run (PyTorch), export twice (versions 1 and 2), then check the model repository contract:
+the manifest validates, sha256 matches, ONNX Runtime agrees with PyTorch on real inputs,
+and evaluating the exported folder (ONNX Runtime, as the service runs it) reproduces the
+run's metrics and the manifest's."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from gansentry.cli import main
+from gansentry.contract import INPUT_NAME, MODEL_FILE, SCORE_NAME
+from gansentry.manifest import ImageInput, Manifest, TabularInput, sha256_file
+from tests.data_factories import make_kdd, make_mnist
+from training.evaluate import run_request
+
+TINY_MEMGAN = ["--hparam", "width=8", "--hparam", "latent_dim=8", "--hparam", "memory_units=10"]
+
+
+def cli(capsys, *argv: str) -> str:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return out
+
+
+def cli_json(capsys, *argv: str) -> dict:
+    return json.loads(cli(capsys, *argv, "--json"))
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("e2e")
+    make_kdd(root / "data" / "kddcup99" / "kddcup.data_10_percent.gz", n=600)
+    make_mnist(root / "data", n_train=200, n_test=100)
+    return root
+
+
+@pytest.fixture(scope="module")
+def kdd_run(work) -> Path:
+    run = work / "runs" / "kdd"
+    code = main(
+        ["train", "--model", "egbad", "--dataset", "kddcup99", "--data-root", str(work / "data")]
+        + ["--epochs", "2", "--out", str(run), "--no-progress"]
+    )
+    assert code == 0
+    return run
+
+
+@pytest.fixture(scope="module")
+def mnist_run(work) -> Path:
+    run = work / "runs" / "mnist"
+    code = main(
+        ["train", "--model", "memgan", "--dataset", "mnist", "--normal-class", "3"]
+        + ["--data-root", str(work / "data"), "--image-size", "16", "--epochs", "1"]
+        + ["--out", str(run), "--no-progress", *TINY_MEMGAN]
+    )
+    assert code == 0
+    return run
+
+
+def torch_and_onnx_scores(run: Path, onnx_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    from training.runs import load_run, score_array
+
+    model, info = load_run(run)
+    test = np.asarray(run_request(info).load().test, dtype=np.float32)
+    pt, _ = score_array(model, test)
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    (ox,) = session.run([SCORE_NAME], {INPUT_NAME: test})
+    return pt, ox
+
+
+def test_kdd_train_evaluate_export_twice(capsys, work, kdd_run):
+    data = work / "data"
+    report = work / "kdd-report"
+    run_eval = cli_json(capsys, "evaluate", kdd_run, "--report-dir", report)
+    m = run_eval["metrics"]
+    assert run_eval["kind"] == "run" and run_eval["protocol"] == "kdd-dagmm"
+    assert m["anomaly_fraction"] == pytest.approx(0.2, abs=0.01)
+    # The protocol's rule flags the top 20% of test scores.
+    assert m["top20_flagged_fraction"] == pytest.approx(0.2, abs=0.02)
+    for key in ("auroc", "auprc", "precision", "recall", "f1", "top20_f1"):
+        assert 0.0 <= m[key] <= 1.0
+    names = {Path(f).name for f in run_eval["files"]}
+    assert names == {"roc.png", "score_histogram.png", "reconstructions.png"}
+    assert all((report / n).stat().st_size > 1000 for n in names)
+    assert json.loads((report / "metrics.json").read_text())["metrics"] == m
+
+    models = work / "models"
+    paths = []
+    for expected in (1, 2):
+        out = cli(capsys, "export", kdd_run, "--models-dir", models, "--name", "kdd-egbad")
+        paths.append(Path(out.strip()))
+        assert paths[-1] == models / "kdd-egbad" / str(expected)
+    for version, path in enumerate(paths, start=1):
+        manifest = Manifest.load(path)
+        assert (manifest.name, manifest.version, manifest.architecture) == (
+            "kdd-egbad",
+            version,
+            "egbad",
+        )
+        assert manifest.onnx.sha256 == sha256_file(path / MODEL_FILE)
+        assert manifest.onnx.opset >= 17
+        assert manifest.onnx.parity_max_rel_diff <= 1e-4
+        assert isinstance(manifest.input, TabularInput)
+        assert manifest.input.num_features == 121 and manifest.input.preprocessing is not None
+        assert manifest.provenance.dataset == "kddcup99"
+        assert manifest.provenance.protocol == "kdd-dagmm"
+        assert manifest.provenance.anomalous_classes == ["normal"]
+        assert manifest.provenance.epochs == 2
+        assert manifest.provenance.hyperparameters["split_seed"] == 42
+        assert manifest.threshold.rule.startswith("99th percentile of")
+
+    pt, ox = torch_and_onnx_scores(kdd_run, paths[0] / MODEL_FILE)
+    assert np.max(np.abs(pt - ox)) <= 1e-4 * np.max(np.abs(pt))
+
+    model_eval = cli_json(
+        capsys, "evaluate", paths[1], "--data-root", data, "--report-dir", work / "r2"
+    )
+    assert model_eval["kind"] == "model"
+    assert model_eval["metrics"]["auroc"] == pytest.approx(m["auroc"], abs=1e-4)
+    assert model_eval["metrics"]["top20_f1"] == pytest.approx(m["top20_f1"], abs=1e-3)
+    # The manifest's metrics were measured with the same served graph and session code.
+    assert Manifest.load(paths[1]).metrics == model_eval["metrics"]
+
+
+def test_memgan_images_report_memory_units_and_export(capsys, work, mnist_run):
+    run_eval = cli_json(capsys, "evaluate", mnist_run)
+    files = {Path(f).name for f in run_eval["files"]}
+    assert "memory_units.png" in files and "reconstructions.png" in files
+    assert (mnist_run / "report" / "memory_units.png").stat().st_size > 1000
+    assert run_eval["normal_classes"] == ["3"] and len(run_eval["anomalous_classes"]) == 9
+    assert run_eval["metrics"]["n_test"] == 100
+
+    out = cli(capsys, "export", mnist_run, "--models-dir", work / "models", "--name", "mnist-mm")
+    path = Path(out.strip())
+    manifest = Manifest.load(path)
+    assert manifest.input == ImageInput(channels=1, height=16, width=16)
+    assert manifest.provenance.normal_classes == ["3"]
+    assert manifest.architecture == "memgan"
+
+    pt, ox = torch_and_onnx_scores(mnist_run, path / MODEL_FILE)
+    assert np.max(np.abs(pt - ox)) <= 1e-4 * np.max(np.abs(pt))
+
+    model_eval = cli_json(
+        capsys, "evaluate", path, "--data-root", work / "data", "--report-dir", work / "r3"
+    )
+    assert model_eval["metrics"]["auroc"] == pytest.approx(run_eval["metrics"]["auroc"], abs=1e-4)
+    assert model_eval["normal_classes"] == ["3"]
+    # Overriding the class re-splits the same data: digit 5 becomes the normal class.
+    other = cli_json(
+        capsys,
+        "evaluate",
+        path,
+        "--data-root",
+        work / "data",
+        "--normal-class",
+        "5",
+        "--report-dir",
+        work / "r4",
+    )
+    assert other["normal_classes"] == ["5"]
+
+
+def test_unfinished_run_is_refused(capsys, work, kdd_run):
+    partial = work / "runs" / "partial"
+    partial.mkdir(parents=True)
+    (partial / "config.json").write_text((kdd_run / "config.json").read_text())
+    for argv in (
+        ["export", partial, "--name", "x", "--models-dir", work / "m"],
+        ["evaluate", partial],
+    ):
+        code = main([str(a) for a in argv])
+        _, err = capsys.readouterr()
+        assert code == 2
+        assert len(err.strip().splitlines()) == 1 and "not a finished run" in err
+    assert not (work / "m").exists()
+
+
+def test_corrupt_checkpoint_is_one_error_line(capsys, work, kdd_run, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(kdd_run, broken)
+    (broken / "checkpoints" / "selected.pt").write_bytes(b"not a checkpoint")
+    code = main(["evaluate", str(broken)])
+    _, err = capsys.readouterr()
+    assert code == 2 and "selected.pt" in err and len(err.strip().splitlines()) == 1
