@@ -36,7 +36,14 @@ DESCRIPTION = """Anomaly scores from GAN models exported to ONNX.
 `POST /score` takes base64 images, arrays in the model's input shape, or raw tabular
 records (JSON), or `image` file uploads (multipart). `GET /models` lists what is served.
 Send `X-API-Key` when the server is configured with keys; `/healthz`, `/readyz` and
-`/metrics` are open."""
+`/metrics` are open.
+
+Errors: every input is checked before any is queued, and one bad input fails its whole
+request with 422 and a message naming it (`inputs[2]: expected array of shape [1, 32, 32],
+got [28, 28]`); other requests, even those it would have shared a batch with, are not
+affected. Unknown model or version: 404. Body over `max_body_bytes` or more inputs than
+`max_inputs_per_request`: 413. Queue full: 503 with `Retry-After`. Deadline
+(`timeout_ms`, `X-Request-Timeout-Ms`, capped by `request_timeout_ms`) passed: 504."""
 
 
 @asynccontextmanager

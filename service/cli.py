@@ -54,6 +54,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--metrics-port", type=int, help="Prometheus port (GANSENTRY_WORKER_METRICS_PORT)"
     )
     worker.add_argument("--name", help="consumer name in Redis (default: host and pid)")
+    worker.add_argument(
+        "--threads", type=int, help="ONNX Runtime intra-op threads (GANSENTRY_INTRA_OP_THREADS)"
+    )
     worker.set_defaults(run=run_worker)
 
 
@@ -126,9 +129,9 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def run_worker(args: argparse.Namespace) -> int:
+    """The flags above mirror `service.worker.add_worker_args`, declared here so that
+    building the CLI does not import redis and ONNX Runtime; the worker module maps them
+    to settings and validates them."""
     from service import worker
 
-    settings = settings_from_args(
-        args, {"metrics_port": "worker_metrics_port", "name": "worker_name"}
-    )
-    return int(worker.run_worker(settings) or 0)
+    return int(worker.run_worker(args) or 0)

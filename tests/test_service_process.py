@@ -156,3 +156,24 @@ print("no torch")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.splitlines()[-1] == "no torch"
+
+
+def test_cli_errors_are_one_line(tmp_path: Path) -> None:
+    cases = [
+        (["serve", "--models-dir", str(tmp_path / "none")], "models directory"),
+        (["worker", "--models-dir", str(tmp_path)], "a worker needs --redis-url"),
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GANSENTRY_")}
+    for argv, message in cases:
+        out = subprocess.run(
+            [sys.executable, "-m", "gansentry.cli", *argv],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+            cwd=tmp_path,
+        )
+        assert out.returncode == 2, out.stderr
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"gansentry {argv[0]}: error: ")
+        assert message in lines[0]
