@@ -583,8 +583,11 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return settings
 
 
-def run_worker(args: argparse.Namespace) -> int:
-    return run_worker_settings(settings_from_args(args))
+def run_worker(args: argparse.Namespace | Settings) -> int:
+    """`gansentry worker`: parsed flags (from add_worker_args), or Settings already built
+    from them by the caller."""
+    settings = args if isinstance(args, Settings) else settings_from_args(args)
+    return run_worker_settings(settings)
 
 
 def run_worker_settings(settings: Settings) -> int:

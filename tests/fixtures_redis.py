@@ -287,3 +287,87 @@ def start_worker(tmp_path: Path) -> Iterator:
     yield start
     for worker in started:
         worker.stop()
+
+
+class ApiProcess:
+    """`gansentry serve` as a real subprocess (uvicorn, real HTTP)."""
+
+    def __init__(self, models_dir: Path, log_dir: Path, **settings: object) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log_dir / f"api-{self.port}.log"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GANSENTRY_")}
+        env.update({f"GANSENTRY_{k.upper()}": str(v) for k, v in settings.items()})
+        env.setdefault("GANSENTRY_INTRA_OP_THREADS", "1")
+        cmd = [
+            sys.executable,
+            "-m", "gansentry.cli",
+            "serve",
+            "--host", "127.0.0.1",
+            "--port", str(self.port),
+            "--models-dir", str(models_dir),
+            "--providers", "cpu",
+            "--log-level", "warning",
+        ]  # fmt: skip
+        self._log_file = open(self.log, "wb")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            cmd,
+            cwd=Path(__file__).resolve().parents[1],
+            env=env,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+        )
+
+    def wait_up(self, timeout: float = 60.0) -> ApiProcess:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"API exited: {self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"API did not come up: {self.log.read_text()[-3000:]}")
+
+    def wait_ready(self, timeout: float = 30.0) -> ApiProcess:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        body = None
+        while time.monotonic() < deadline:
+            answer = httpx.get(f"{self.url}/readyz", timeout=2)
+            if answer.status_code == 200:
+                return self
+            body = answer.text
+            time.sleep(0.05)
+        raise RuntimeError(f"API not ready: {body}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log_file.close()
+
+
+@pytest.fixture
+def start_api(tmp_path: Path) -> Iterator:
+    """start_api(models_dir, **settings) -> ApiProcess (up, maybe not ready), stopped after
+    the test."""
+    started: list[ApiProcess] = []
+
+    def start(models_dir: Path, **settings: object) -> ApiProcess:
+        api = ApiProcess(models_dir, tmp_path, **settings)
+        started.append(api)
+        return api.wait_up()
+
+    yield start
+    for api in started:
+        api.stop()

@@ -99,6 +99,7 @@ class RedisBatcher:
         self._tasks: list[asyncio.Task[None]] = []
         self._monitored: dict[str, str] = {}
         self._running = False
+        self._background: set[asyncio.Task[object]] = set()
 
     async def start(self) -> None:
         """Never fails because Redis is down: the API starts, reports not-ready, and the
@@ -115,9 +116,10 @@ class RedisBatcher:
 
     async def stop(self) -> None:
         self._running = False
-        for task in self._tasks:
+        tasks = [*self._tasks, *self._background]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks = []
         self._fail_pending(BackendUnavailable("the server is shutting down"))
         for client in (self._redis, self._reader):
@@ -179,12 +181,30 @@ class RedisBatcher:
                 raise DeadlineExceeded(
                     f"no result for {model.key} within the request's deadline"
                 ) from e
+            except asyncio.CancelledError:
+                self._withdraw(stream, entry_id)
+                raise
         finally:
             self._pending.pop(rid, None)
         if result.error is not None:
             raise result.error
         assert result.scored is not None
         return result.scored
+
+    def _withdraw(self, stream: str, entry_id: bytes | str) -> None:
+        """The client went away: delete its entry so no worker computes it. An entry a
+        worker already holds is still answered (to nobody) and acknowledged; one whose
+        worker died reads back empty when reclaimed and is acknowledged and skipped."""
+        if self._redis is None:
+            return
+        task = asyncio.create_task(self._redis.xdel(stream, entry_id))
+        self._background.add(task)
+        task.add_done_callback(self._forget)
+
+    def _forget(self, task: asyncio.Task[object]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("could not withdraw a cancelled request: %s", task.exception())
 
     def _fail_pending(self, error: Exception) -> None:
         for future in self._pending.values():
