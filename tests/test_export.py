@@ -191,3 +191,32 @@ def test_corrupt_checkpoint_is_one_error_line(capsys, work, kdd_run, tmp_path):
     code = main(["evaluate", str(broken)])
     _, err = capsys.readouterr()
     assert code == 2 and "selected.pt" in err and len(err.strip().splitlines()) == 1
+
+
+def test_model_refuses_data_with_other_features(capsys, work, kdd_run, tmp_path):
+    from tests.data_factories import make_csv
+
+    out = cli(capsys, "export", kdd_run, "--models-dir", tmp_path / "models", "--name", "k")
+    table = make_csv(tmp_path / "table.csv")
+    argv = ["evaluate", out.strip(), "--dataset", str(table), "--protocol", "custom"]
+    code = main(argv + ["--report-dir", str(tmp_path / "r")])
+    _, err = capsys.readouterr()
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    # The model's symbolic columns travel with it, so the table is refused by name.
+    assert "table.csv" in err and "'protocol_type'" in err, err
+    assert not (tmp_path / "r").exists()
+
+
+def test_check_compatible_names_shape_and_feature():
+    from training.evaluate import EvaluationError, check_compatible
+
+    model = TabularInput(num_features=3, feature_names=["a", "b", "c"])
+    with pytest.raises(EvaluationError, match=r"shape \[2\], the model expects \[3\]"):
+        check_compatible(model, TabularInput(num_features=2, feature_names=["a", "b"]), "t")
+    swapped = TabularInput(num_features=3, feature_names=["a", "c", "b"])
+    with pytest.raises(EvaluationError, match="feature 1 is 'c', the model expects 'b'"):
+        check_compatible(model, swapped, "t")
+    image = ImageInput(channels=1, height=16, width=16)
+    with pytest.raises(EvaluationError, match=r"\[3, 16, 16\]"):
+        check_compatible(image, ImageInput(channels=3, height=16, width=16), "t")
+    check_compatible(model, model, "t")

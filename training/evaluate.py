@@ -9,6 +9,7 @@ offline score of the same input come from the same session code."""
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -20,6 +21,8 @@ from gansentry.contract import MANIFEST_FILE
 from gansentry.manifest import ImageInput, TabularInput, Threshold
 from training import metrics as metrics_mod
 from training import report
+
+log = logging.getLogger(__name__)
 
 SCORE_BATCH = 256
 METRICS_FILE = "metrics.json"
@@ -89,12 +92,12 @@ class DataRequest:
 def data_options(cfg: Any, split_seed: int | None) -> dict[str, str | int | None]:
     """The data options a run was trained with, stored in the manifest's provenance
     hyperparameters so an exported model's split can be rebuilt without the run folder."""
-    sym = _get(cfg, "symbolic_columns")
+    sym = config_value(cfg, "symbolic_columns")
     return {
         "split_seed": split_seed,
-        "normal_class": _str_or_none(_get(cfg, "normal_class")),
-        "max_train": _get(cfg, "max_train"),
-        "label_column": _get(cfg, "label_column"),
+        "normal_class": _str_or_none(config_value(cfg, "normal_class")),
+        "max_train": config_value(cfg, "max_train"),
+        "label_column": config_value(cfg, "label_column"),
         "symbolic_columns": ",".join(sym) if sym else None,
     }
 
@@ -129,7 +132,7 @@ class EvalResult:
         return json.dumps(self.__dict__, indent=None, sort_keys=False)
 
 
-def _get(cfg: Any, key: str, default: Any = None) -> Any:
+def config_value(cfg: Any, key: str, default: Any = None) -> Any:
     if isinstance(cfg, dict):
         return cfg.get(key, default)
     return getattr(cfg, key, default)
@@ -206,16 +209,16 @@ def run_request(info: Any) -> DataRequest:
     """The split a run was trained on, from its recorded config and provenance."""
     cfg, spec = info.config, info.input_spec
     return DataRequest(
-        dataset=str(info.dataset or _get(cfg, "dataset")),
-        protocol=info.protocol or _get(cfg, "protocol"),
-        normal_class=_str_or_none(_get(cfg, "normal_class")),
+        dataset=str(info.dataset or config_value(cfg, "dataset")),
+        protocol=info.protocol or config_value(cfg, "protocol"),
+        normal_class=_str_or_none(config_value(cfg, "normal_class")),
         split_seed=info.split_seed,
-        root=_get(cfg, "data_root"),
-        image_size=spec.height if isinstance(spec, ImageInput) else _get(cfg, "image_size"),
+        root=config_value(cfg, "data_root"),
+        image_size=spec.height if isinstance(spec, ImageInput) else config_value(cfg, "image_size"),
         channels=spec.channels if isinstance(spec, ImageInput) else None,
-        label_column=_get(cfg, "label_column"),
-        symbolic_columns=_get(cfg, "symbolic_columns"),
-        max_train=_get(cfg, "max_train"),
+        label_column=config_value(cfg, "label_column"),
+        symbolic_columns=config_value(cfg, "symbolic_columns"),
+        max_train=config_value(cfg, "max_train"),
     )
 
 
@@ -259,12 +262,26 @@ def open_target(path: Path, device: str = "cpu") -> Target:
     return open_run_dir(path, device=device)
 
 
-def check_shape(spec: ImageInput | TabularInput, x: np.ndarray, dataset: str) -> None:
-    if tuple(x.shape[1:]) != tuple(spec.shape):
+def check_compatible(
+    spec: ImageInput | TabularInput, data_spec: ImageInput | TabularInput, dataset: str
+) -> None:
+    """The test data must be what the model was trained on: same shape and, for tables,
+    the same features in the same order. A different scaling (another split seed) is
+    allowed but logged, because the model's own preprocessing is then not the one used."""
+    if tuple(data_spec.shape) != tuple(spec.shape):
         raise EvaluationError(
-            f"dataset {dataset} gives samples of shape {list(x.shape[1:])}, "
+            f"dataset {dataset} gives samples of shape {list(data_spec.shape)}, "
             f"the model expects {list(spec.shape)}"
         )
+    if isinstance(spec, TabularInput) and isinstance(data_spec, TabularInput):
+        pairs = zip(data_spec.feature_names, spec.feature_names, strict=True)
+        for i, (got, want) in enumerate(pairs):
+            if got != want:
+                raise EvaluationError(
+                    f"dataset {dataset} feature {i} is {got!r}, the model expects {want!r}"
+                )
+        if spec.preprocessing != data_spec.preprocessing:
+            log.warning("%s: scaling differs from the model's preprocessing", dataset)
 
 
 def write_report(
@@ -320,7 +337,7 @@ def evaluate(
     splits = request.load(download=download)
     test = np.asarray(splits.test, dtype=np.float32)
     labels = np.asarray(splits.test_labels).astype(np.int64).reshape(-1)
-    check_shape(target.spec, test, request.dataset)
+    check_compatible(target.spec, splits.input_spec, request.dataset)
     scores, recons = score_batches(target.score, test)
     result_metrics = metrics_mod.evaluate_scores(
         scores, labels, target.threshold.value, splits.protocol

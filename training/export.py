@@ -17,7 +17,7 @@ import numpy as np
 
 from gansentry.manifest import Manifest, Provenance
 from training.evaluate import (
-    check_shape,
+    check_compatible,
     config_value,
     cpu_session,
     data_options,
@@ -107,7 +107,7 @@ def export_run(
     val = np.asarray(splits.val, dtype=np.float32)
     test = np.asarray(splits.test, dtype=np.float32)
     labels = np.asarray(splits.test_labels).astype(np.int64).reshape(-1)
-    check_shape(spec, test, request.dataset)
+    check_compatible(spec, splits.input_spec, request.dataset)
     with tempfile.TemporaryDirectory(prefix="gansentry-export-") as tmp:
         onnx_path = Path(tmp) / "model.onnx"
         rel = export_onnx(model.scorer(), torch.from_numpy(parity_batch(val, test)), onnx_path)
