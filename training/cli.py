@@ -202,7 +202,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         return 0
     print(f"{result.target} on {result.dataset} ({result.protocol}), report in {result.report_dir}")
     for key, value in result.metrics.items():
-        shown = "n/a" if value is None else f"{value:.4f}"
+        shown = "n/a" if value is None else f"{value:.0f}" if key == "n_test" else f"{value:.4f}"
         print(f"  {key:24s} {shown}")
     sys.stdout.flush()
     return 0
