@@ -1,0 +1,301 @@
+"""Training benchmark: the three GANs and two classical baselines on the papers' protocols.
+
+Resumable by design: every finished job is one line in the results file and is skipped on
+the next invocation, and an interrupted GAN run resumes from its last epoch checkpoint. So
+the work can spread over several sessions in the background, or run on a GPU machine.
+
+    python benchmarks/train_benchmark.py --plan kdd            # KDD99 kdd-dagmm, all models
+    python benchmarks/train_benchmark.py --plan mnist --seeds 0 1
+    python benchmarks/train_benchmark.py --plan cifar10 --classes 0 1
+    python benchmarks/train_benchmark.py --report              # writes docs/benchmarks.md
+
+Each job runs in its own process, so its peak RSS is the job's own peak memory."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results" / "train.jsonl"
+RUNS = ROOT / "runs" / "bench"
+DATA_ROOT = Path(os.environ.get("GANSENTRY_DATA", ROOT.parent / "shared" / "datasets"))
+GANS = ("ganomaly", "egbad", "memgan")
+BASELINES = ("iforest", "ocsvm")
+OCSVM_MAX_TRAIN = 10_000  # kernel SVMs are O(n^2); KDD's train split has ~200k rows
+PLANS = {
+    "kdd": ("kddcup99", "kdd-dagmm", [None]),
+    "mnist": ("mnist", "one-class-normal", [str(c) for c in range(10)]),
+    "cifar10": ("cifar10", "one-class-normal", [str(c) for c in range(10)]),
+}
+PUBLISHED = {
+    ("mnist", "one-class-normal"): "Deep SVDD 0.948, OCGAN 0.975 (mean AUROC, 10 classes)",
+    ("cifar10", "one-class-normal"): "Deep SVDD 0.648, OCGAN 0.657 (mean AUROC, 10 classes)",
+    ("kddcup99", "kdd-dagmm"): (
+        "EGBAD paper P 0.920 R 0.958 F1 0.937; survey re-implementation EGBAD P 0.941 "
+        "R 0.956 F1 0.949, GANomaly P 0.830 R 0.841 F1 0.836"
+    ),
+}
+
+
+def job_key(dataset: str, model: str, cls: str | None, seed: int) -> str:
+    return f"{dataset}/{model}/{cls if cls is not None else 'all'}/seed{seed}"
+
+
+def done_keys() -> set[str]:
+    if not RESULTS.exists():
+        return set()
+    return {json.loads(line)["key"] for line in RESULTS.read_text().splitlines() if line.strip()}
+
+
+def run_one(spec: dict) -> dict:
+    """One job, in this (child) process."""
+    import numpy as np
+
+    from training.data import load_splits
+    from training.metrics import evaluate_scores
+
+    dataset, protocol, model, cls, seed = (
+        spec["dataset"],
+        spec["protocol"],
+        spec["model"],
+        spec["cls"],
+        spec["seed"],
+    )
+    image_size = 32 if dataset in ("mnist", "fashion-mnist", "cifar10") else None
+    splits = load_splits(dataset, protocol, normal_class=cls, root=DATA_ROOT, image_size=image_size)
+    t0 = time.perf_counter()
+    extra: dict = {}
+    if model in GANS:
+        from training.runs import load_run, score_array
+        from training.train import TrainConfig, train
+
+        out = RUNS / spec["key"].replace("/", "_")
+        cfg = TrainConfig(
+            model=model,
+            dataset=dataset,
+            protocol=protocol,
+            normal_class=cls,
+            seed=seed,
+            out=out,
+            resume=out.exists(),
+            data_root=DATA_ROOT,
+            image_size=image_size,
+            epochs=spec.get("epochs"),
+        )
+        run_dir = train(cfg, splits=splits, progress=False)
+        net, info = load_run(run_dir)
+        scores, _ = score_array(net, splits.test)
+        threshold = info.threshold.value
+        train_seconds = info.training_seconds
+        extra = {
+            "epochs": info.epochs_done,
+            "selected_epoch": info.selected_epoch,
+            "run_dir": str(run_dir.relative_to(ROOT)),
+        }
+    else:
+        from sklearn.ensemble import IsolationForest
+        from sklearn.svm import OneClassSVM
+
+        flat = lambda a: a.reshape(len(a), -1)  # noqa: E731
+        x = flat(splits.train)
+        if model == "iforest":
+            est = IsolationForest(n_estimators=100, random_state=seed, n_jobs=1)
+        else:
+            rng = np.random.default_rng(seed)
+            if len(x) > OCSVM_MAX_TRAIN:
+                x = x[rng.choice(len(x), OCSVM_MAX_TRAIN, replace=False)]
+                extra["train_subsample"] = OCSVM_MAX_TRAIN
+            est = OneClassSVM(kernel="rbf", gamma="scale", nu=0.1)
+        est.fit(x)
+        train_seconds = time.perf_counter() - t0
+        scores = -est.decision_function(flat(splits.test))
+        threshold = float(np.quantile(-est.decision_function(flat(splits.val)), 0.99))
+    metrics = evaluate_scores(scores, splits.test_labels, threshold, protocol)
+    return {
+        **spec,
+        "metrics": metrics,
+        "train_seconds": round(train_seconds, 1),
+        "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "n_train": int(len(splits.train)),
+        "n_test": int(len(splits.test)),
+        **extra,
+    }
+
+
+def plan_jobs(args: argparse.Namespace) -> list[dict]:
+    jobs = []
+    for plan in args.plan:
+        dataset, protocol, classes = PLANS[plan]
+        classes = args.classes or classes
+        if protocol == "kdd-dagmm":
+            classes = [None]
+        for seed in args.seeds:
+            for cls in classes:
+                for model in args.models:
+                    key = job_key(dataset, model, cls, seed)
+                    jobs.append(
+                        {
+                            "key": key,
+                            "dataset": dataset,
+                            "protocol": protocol,
+                            "model": model,
+                            "cls": cls,
+                            "seed": seed,
+                            "epochs": args.epochs,
+                        }
+                    )
+    return jobs
+
+
+def run_plan(args: argparse.Namespace) -> None:
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    done = done_keys()
+    for job in plan_jobs(args):
+        if job["key"] in done:
+            print(f"skip {job['key']} (in {RESULTS.name})", flush=True)
+            continue
+        print(f"run  {job['key']}", flush=True)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--one", json.dumps(job)],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
+        if proc.returncode != 0:
+            print(f"FAIL {job['key']}: {proc.stderr.strip().splitlines()[-1:]}", flush=True)
+            continue
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        result.update(host=platform.node(), cpus=os.cpu_count(), finished=time.time())
+        with RESULTS.open("a") as f:
+            f.write(json.dumps(result) + "\n")
+        m = result["metrics"]
+        print(
+            f"done {job['key']}: auroc={m.get('auroc')} f1={m.get('f1')} "
+            f"top20_f1={m.get('top20_f1')} {result['train_seconds']}s",
+            flush=True,
+        )
+
+
+# ------------------------------------------------------------------ report
+
+
+def _mean_sd(values: list[float]) -> str:
+    import numpy as np
+
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
+
+
+def report() -> str:
+    import numpy as np
+
+    rows = [json.loads(x) for x in RESULTS.read_text().splitlines() if x.strip()]
+    out = [
+        "## Training benchmark",
+        "",
+        "Generated by `python benchmarks/train_benchmark.py --report` from "
+        f"`{RESULTS.relative_to(ROOT)}`; jobs ran on this project's CI-class machine "
+        "(2 CPU cores, no GPU) with each model's default hyperparameters "
+        "(`training/models/__init__.py`). Baselines (IsolationForest, OC-SVM) ran on the same "
+        "split in the same benchmark. Published figures are from the papers (same protocol). "
+        "CIFAR-10 here is a JPEG-recompressed copy: pixel values differ slightly from the "
+        "official batches.",
+        "",
+    ]
+    models = [*GANS, *BASELINES]
+    for dataset, protocol in (("mnist", "one-class-normal"), ("cifar10", "one-class-normal")):
+        sel = [r for r in rows if r["dataset"] == dataset]
+        if not sel:
+            continue
+        out += [
+            f"### {dataset} {protocol}: AUROC per normal class",
+            "",
+            f"Published: {PUBLISHED[dataset, protocol]}.",
+            "",
+            "| model | " + " | ".join(str(c) for c in range(10)) + " | mean of classes run |",
+            "|---" * 12 + "|",
+        ]
+        for model in models:
+            cells, means = [], []
+            for c in range(10):
+                vals = [
+                    r["metrics"]["auroc"] for r in sel if r["model"] == model and r["cls"] == str(c)
+                ]
+                cells.append(_mean_sd(vals))
+                if vals:
+                    means.append(float(np.mean(vals)))
+            if means:
+                note = f"{np.mean(means):.3f} ({len(means)}/10)"
+                out.append(f"| {model} | " + " | ".join(cells) + f" | {note} |")
+        out += ["", "Cells: mean ± sample std over seeds where more than one seed ran.", ""]
+    sel = [r for r in rows if r["dataset"] == "kddcup99"]
+    if sel:
+        out += [
+            "### KDD Cup 99 (10%), kdd-dagmm protocol",
+            "",
+            f"Published: {PUBLISHED['kddcup99', 'kdd-dagmm']}.",
+            "",
+            "| model | seeds | precision (top 20%) | recall (top 20%) | F1 (top 20%) | "
+            "AUROC | F1 at calibrated threshold |",
+            "|---" * 7 + "|",
+        ]
+        for model in models:
+            ms = [r["metrics"] for r in sel if r["model"] == model]
+            if ms:
+                out.append(
+                    f"| {model} | {len(ms)} | {_mean_sd([m['top20_precision'] for m in ms])} | "
+                    f"{_mean_sd([m['top20_recall'] for m in ms])} | "
+                    f"{_mean_sd([m['top20_f1'] for m in ms])} | "
+                    f"{_mean_sd([m['auroc'] for m in ms])} | {_mean_sd([m['f1'] for m in ms])} |"
+                )
+        out.append("")
+    out += [
+        "### Training time and peak memory",
+        "",
+        "| dataset | model | jobs | train seconds (mean) | peak RSS MB (max) |",
+        "|---|---|---|---|---|",
+    ]
+    for dataset in ("mnist", "cifar10", "kddcup99"):
+        for model in models:
+            sel = [r for r in rows if r["dataset"] == dataset and r["model"] == model]
+            if sel:
+                out.append(
+                    f"| {dataset} | {model} | {len(sel)} | "
+                    f"{np.mean([r['train_seconds'] for r in sel]):.0f} | "
+                    f"{max(r['peak_memory_mb'] for r in sel):.0f} |"
+                )
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--plan", nargs="+", choices=sorted(PLANS), default=[])
+    p.add_argument("--models", nargs="+", default=[*GANS, *BASELINES])
+    p.add_argument("--classes", nargs="+", default=None)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--epochs", type=int, default=None, help="default: each model's own")
+    p.add_argument("--report", action="store_true", help="print the markdown tables")
+    p.add_argument("--one", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.one:
+        print(json.dumps(run_one(json.loads(args.one))))
+        return
+    if args.plan:
+        run_plan(args)
+    if args.report:
+        print(report(), end="")
+
+
+if __name__ == "__main__":
+    main()
