@@ -89,6 +89,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
+        # Prometheus is the metrics path; FastAPI's OpenTelemetry hooks cost per request.
+        telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False},
     )
     app.state.settings = settings
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
@@ -118,5 +120,8 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         components.update(request.pop("$defs", {}))
         components["ScoreRequest"] = request
+        schema["components"]["securitySchemes"] = {
+            "APIKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key"}
+        }
         app.openapi_schema = schema
     return app.openapi_schema

@@ -22,8 +22,9 @@ def key_matches(given: str, keys: frozenset[str]) -> bool:
     return ok
 
 
-def require_api_key(request: Request) -> None:
-    """FastAPI dependency for every route except /healthz, /readyz, /metrics and the docs."""
+async def require_api_key(request: Request) -> None:
+    """FastAPI dependency for every route except /healthz, /readyz, /metrics and the docs.
+    Async on purpose: FastAPI runs a sync dependency in a thread, a hop per request."""
     keys: frozenset[str] = request.app.state.settings.keys
     if not keys:
         return

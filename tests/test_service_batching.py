@@ -4,6 +4,7 @@ cancellation and poison inputs."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import numpy as np
@@ -112,7 +113,7 @@ async def test_deadline_is_504_and_expired_items_are_not_computed(model_repo: Mo
         header = await s.client.post(
             "/score", json=request(images(4, 5)), headers={"X-Request-Timeout-Ms": "10"}
         )
-        assert header.status_code == 504
+        assert header.status_code == 504, header.text
         assert (await busy).scores.shape == (512,)
         assert metric("gansentry_expired_total", model=IMAGE_MODEL) >= expired0 + 2
         assert metric("gansentry_batch_size_sum", model=IMAGE_MODEL) - items0 == 512
@@ -164,3 +165,54 @@ async def test_poison_input_fails_only_its_own_request(model_repo: ModelRepo) ->
         r = await s.client.post("/score", json=request(images(1, 30)))
         assert r.status_code == 200
         assert (await s.batcher.ready())[0]
+
+
+async def test_client_that_hangs_up_leaves_the_queue(model_repo: ModelRepo) -> None:
+    """Driven at the ASGI level, where a hang-up is an `http.disconnect` message."""
+    async with serving(model_repo.root, max_batch_size=8, max_batch_delay_ms=0) as s:
+        items0 = metric("gansentry_batch_size_sum", model=IMAGE_MODEL)
+        gone0 = metric("gansentry_requests_total", model=IMAGE_MODEL, status="499")
+        busy = asyncio.ensure_future(
+            s.batcher.submit(ModelRef(IMAGE_MODEL, 2), images(512, 3), time.time() + 60)
+        )
+        await wait_for_queue(400)
+        body = json.dumps(request(images(4, 9))).encode()
+        hung_up = asyncio.Event()
+        delivered = False
+        sent: list[dict] = []
+
+        async def receive() -> dict:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await hung_up.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": "/score",
+            "raw_path": b"/score",
+            "query_string": b"",
+            "root_path": "",
+            "headers": [(b"content-type", b"application/json")],
+            "client": ("127.0.0.1", 50000),
+            "server": ("gansentry", 80),
+        }
+        call = asyncio.ensure_future(s.app(scope, receive, send))
+        depth = metric("gansentry_queue_depth", model=IMAGE_MODEL)
+        await asyncio.sleep(0.02)
+        assert not call.done()
+        hung_up.set()
+        await asyncio.wait_for(call, 10)
+        assert metric("gansentry_queue_depth", model=IMAGE_MODEL) <= depth
+        assert (await busy).scores.shape == (512,)
+        assert metric("gansentry_batch_size_sum", model=IMAGE_MODEL) - items0 == 512
+        assert metric("gansentry_requests_total", model=IMAGE_MODEL, status="499") == gone0 + 1
