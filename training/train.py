@@ -258,6 +258,27 @@ def train(cfg: TrainConfig, splits: Splits | None = None, progress: bool = True)
     h = resolve_hparams(cfg, splits.input_spec)
     resuming = _prepare_dir(out, config, cfg.resume)
 
+    threads = torch.get_num_threads()
+    if device.type == "cpu" and splits.input_spec.kind == "tabular":
+        # Tabular nets are tiny: extra threads only add synchronisation, which on a
+        # shared machine costs more than the maths.
+        torch.set_num_threads(1)
+    try:
+        return _train(cfg, splits, out, config, device, h, resuming, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(
+    cfg: TrainConfig,
+    splits: Splits,
+    out: Path,
+    config: dict[str, Any],
+    device: torch.device,
+    h: dict[str, Any],
+    resuming: bool,
+    progress: bool,
+) -> Path:
     seed_everything(cfg.seed)
     model = build_model(cfg.model, splits.input_spec, **h).to(device)
     gen = torch.Generator().manual_seed(cfg.seed)

@@ -43,8 +43,7 @@ class EGBAD(AnomalyGAN):
         n = int(self.ema_updates)
         decay = min(self.hparams["ema_decay"], (1 + n) / (10 + n))
         for live, ema in self._pairs():
-            for p_ema, p in zip(ema.parameters(), live.parameters(), strict=True):
-                p_ema.lerp_(p, 1.0 - decay)
+            torch._foreach_lerp_(list(ema.parameters()), list(live.parameters()), 1.0 - decay)
             for b_ema, b in zip(ema.buffers(), live.buffers(), strict=True):
                 b_ema.copy_(b)
         self.ema_updates += 1
