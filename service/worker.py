@@ -116,6 +116,7 @@ class Worker:
         self.redis = redis_client(settings.redis_url)
         self._deliver = self.redis.register_script(DELIVER_LUA)
         self._stop = threading.Event()
+        self._beat_now = threading.Event()
         self._groups_ready = False
         self._claim_every = min(settings.redis_claim_idle_ms / 2000.0, 1.0)
         self._last_claim = 0.0
@@ -128,6 +129,7 @@ class Worker:
     def stop(self) -> None:
         """Finish the current batch, answer and acknowledge it, then return from run()."""
         self._stop.set()
+        self._beat_now.set()
 
     def run(self) -> int:
         self._export_model_info()
@@ -152,6 +154,7 @@ class Worker:
                 self._maybe_reload()
                 if down:
                     log.info("worker %s reconnected to redis", self.name)
+                    self._beat_now.set()  # a restarted Redis lost the heartbeat key
                 down, backoff = False, 0.1
             except CONNECTION_ERRORS as e:
                 if not down:
@@ -217,7 +220,8 @@ class Worker:
                 wait = self.settings.worker_heartbeat_s
             except CONNECTION_ERRORS:
                 wait = min(0.25, self.settings.worker_heartbeat_s)
-            self._stop.wait(wait)
+            self._beat_now.wait(wait)
+            self._beat_now.clear()
         with contextlib.suppress(*CONNECTION_ERRORS):
             client.delete(key)
         client.close()

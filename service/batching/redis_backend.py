@@ -67,8 +67,8 @@ def redis_location(url: str) -> str:
 
 
 def connect(url: str, max_connections: int) -> aioredis.Redis:
-    """A client that fails at once instead of retrying on its own: callers decide, and a
-    request must never sit in a hidden retry loop while Redis is down."""
+    """A client that never retries by itself: a request must not sit in a hidden retry
+    loop while Redis is down. Callers retry where it is safe (see `_enqueue_once_more`)."""
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
@@ -77,7 +77,7 @@ def connect(url: str, max_connections: int) -> aioredis.Redis:
         socket_connect_timeout=1.0,
         retry=Retry(NoBackoff(), 0),
     )
-    return aioredis.Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))
+    return aioredis.Redis(connection_pool=pool)
 
 
 class RedisBatcher:
@@ -131,7 +131,10 @@ class RedisBatcher:
         if not self._running or self._redis is None:
             return False, "redis batcher is not running"
         try:
-            await asyncio.wait_for(self._redis.ping(), timeout=1.0)
+            try:
+                await asyncio.wait_for(self._redis.ping(), timeout=1.0)
+            except CONNECTION_ERRORS:  # a pooled connection left dead by a restart
+                await asyncio.wait_for(self._redis.ping(), timeout=1.0)
         except (*CONNECTION_ERRORS, RedisError, asyncio.TimeoutError) as e:
             return False, f"redis at {self.where} unreachable: {e or type(e).__name__}"
         if not self._workers:
@@ -164,7 +167,7 @@ class RedisBatcher:
             for k, v in request.fields().items():
                 args += [k, v]
             try:
-                entry_id = await self._enqueue(keys=[stream], args=args)  # type: ignore[operator]
+                entry_id = await self._enqueue_once_more(stream, args)
             except CONNECTION_ERRORS as e:
                 metrics.REJECTED.labels(model.name, "redis_down").inc()
                 raise BackendUnavailable(f"redis at {self.where} unreachable: {e}") from e
@@ -190,6 +193,17 @@ class RedisBatcher:
             raise result.error
         assert result.scored is not None
         return result.scored
+
+    async def _enqueue_once_more(self, stream: str, args: list[object]) -> bytes | None:
+        """A Redis restart leaves every pooled connection dead, and each fails once when
+        next used; one immediate retry on a fresh connection hides that. With Redis still
+        down the retry fails at once (connection refused), so the request still gets its
+        503 fast. Should the first attempt have reached Redis after all, the duplicate
+        entry is harmless: the answer is delivered once per request id."""
+        try:
+            return await self._enqueue(keys=[stream], args=args)  # type: ignore[operator]
+        except CONNECTION_ERRORS:
+            return await self._enqueue(keys=[stream], args=args)  # type: ignore[operator]
 
     def _withdraw(self, stream: str, entry_id: bytes | str) -> None:
         """The client went away: delete its entry so no worker computes it. An entry a
