@@ -168,6 +168,12 @@ class Worker:
                     log.exception("redis refused a command")
                     self._stop.wait(backoff)
                 self._groups_ready = False
+            except Exception:
+                # Keep serving: entries in hand stay pending, are claimed again after
+                # the idle timeout, and become poison if they keep failing.
+                log.exception("worker loop failed; continuing")
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 2.0)
         self._heartbeat.join(timeout=5)
         log.info("worker %s stopped", self.name)
         return 0
