@@ -90,7 +90,9 @@ def _array(value: list, spec: ImageInput | TabularInput) -> np.ndarray:
     except ValueError:
         raise InputError(f"expected array of shape {expected}, got a ragged nested list") from None
     if arr.dtype == object:
-        raise InputError(f"expected array of shape {expected}, got a ragged nested list")
+        raise InputError(
+            f"expected array of shape {expected}, got a ragged nested list or non-numbers"
+        )
     if arr.dtype.kind not in "iuf":
         what = (
             "booleans"

@@ -245,6 +245,13 @@ async def test_limits_body_inputs_and_pixels(model_repo: ModelRepo) -> None:
         )
         assert r.status_code == 413 and "5 inputs is over the limit of 4" in r.json()["detail"]
 
+        small = png_bytes(random_pixels(8, 8))
+        files = [("image", (f"{i}.png", small, "image/png")) for i in range(5)]
+        r = await s.client.post("/score", params={"model": IMAGE_MODEL}, files=files)
+        assert r.status_code == 413 and "the limit is 4 inputs" in r.json()["detail"]
+        r = await s.client.post("/score", params={"model": IMAGE_MODEL}, files=files[:4])
+        assert r.status_code == 200
+
         huge = png_bytes(np.zeros((100, 100), np.uint8))
         r = await s.client.post(
             "/score", json={"model": IMAGE_MODEL, "inputs": [{"image": b64(huge)}]}

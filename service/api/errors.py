@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import math
 
-from fastapi import HTTPException
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException
 
 from service.batching.base import BatchingError, QueueFull
 from service.inputs import InputsInvalid

@@ -17,6 +17,7 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive
 
 from gansentry.preprocessing import array_to_base64_png
@@ -175,7 +176,14 @@ def _check_count(n: int, settings: Settings) -> None:
 
 async def _multipart(request: Request, loaded: LoadedModel, settings: Settings) -> Prepared:
     limit = settings.max_inputs_per_request
-    form = await request.form(max_files=limit + 1, max_fields=limit + 1)
+    try:
+        form = await request.form(max_files=limit, max_fields=limit)
+    except StarletteHTTPException as e:  # what Request.form raises, FastAPI's base class
+        if e.status_code == 400 and "Too many" in str(e.detail):
+            raise HTTPException(
+                413, f"more than {limit} multipart fields; the limit is {limit} inputs per request"
+            ) from None
+        raise
     try:
         images: list[bytes] = []
         for key, value in form.multi_items():
