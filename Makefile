@@ -21,27 +21,27 @@ SHIPPED = mnist-ganomaly mnist-egbad mnist-memgan kdd-egbad kdd-memgan kdd-ganom
 models: $(SHIPPED)
 
 mnist-ganomaly:
-	$(GANSENTRY) train --model ganomaly $(MNIST) --epochs 15 $(COMMON) --out $(RUNS)/$@
+	$(GANSENTRY) train --model ganomaly $(MNIST) $(COMMON) --out $(RUNS)/$@
 	$(GANSENTRY) export $(RUNS)/$@ --models-dir $(MODELS) --name $@ --data-root $(DATA)
 
 mnist-egbad:
-	$(GANSENTRY) train --model egbad $(MNIST) --epochs 15 $(COMMON) --out $(RUNS)/$@
+	$(GANSENTRY) train --model egbad $(MNIST) $(COMMON) --out $(RUNS)/$@
 	$(GANSENTRY) export $(RUNS)/$@ --models-dir $(MODELS) --name $@ --data-root $(DATA)
 
 mnist-memgan:
-	$(GANSENTRY) train --model memgan $(MNIST) --epochs 15 $(COMMON) --out $(RUNS)/$@
+	$(GANSENTRY) train --model memgan $(MNIST) $(COMMON) --out $(RUNS)/$@
 	$(GANSENTRY) export $(RUNS)/$@ --models-dir $(MODELS) --name $@ --data-root $(DATA)
 
 kdd-egbad:
-	$(GANSENTRY) train --model egbad $(KDD) --epochs 10 $(COMMON) --out $(RUNS)/$@
+	$(GANSENTRY) train --model egbad $(KDD) $(COMMON) --out $(RUNS)/$@
 	$(GANSENTRY) export $(RUNS)/$@ --models-dir $(MODELS) --name $@ --data-root $(DATA)
 
 kdd-memgan:
-	$(GANSENTRY) train --model memgan $(KDD) --epochs 10 $(COMMON) --out $(RUNS)/$@
+	$(GANSENTRY) train --model memgan $(KDD) $(COMMON) --out $(RUNS)/$@
 	$(GANSENTRY) export $(RUNS)/$@ --models-dir $(MODELS) --name $@ --data-root $(DATA)
 
 kdd-ganomaly:
-	$(GANSENTRY) train --model ganomaly $(KDD) --epochs 15 $(COMMON) --out $(RUNS)/$@
+	$(GANSENTRY) train --model ganomaly $(KDD) $(COMMON) --out $(RUNS)/$@
 	$(GANSENTRY) export $(RUNS)/$@ --models-dir $(MODELS) --name $@ --data-root $(DATA)
 
 test:
