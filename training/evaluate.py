@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 SCORE_BATCH = 256
 METRICS_FILE = "metrics.json"
+SCORES_FILE = "scores.csv"
 
 ScoreFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
@@ -314,6 +315,15 @@ def write_report(
     return files
 
 
+def write_scores(path: Path, scores: np.ndarray, labels: np.ndarray) -> Path:
+    """Every test sample's score, in test-split order: the offline ground truth that a
+    served score for the same input must equal."""
+    pairs = enumerate(zip(scores, labels, strict=True))
+    rows = "".join(f"{i},{int(y)},{float(s)!r}\n" for i, (s, y) in pairs)
+    path.write_text("index,label,score\n" + rows)
+    return path
+
+
 def evaluate(
     path: Path,
     *,
@@ -344,6 +354,7 @@ def evaluate(
     )
     out_dir = Path(report_dir) if report_dir is not None else target.default_report_dir
     files = write_report(out_dir, test, recons, scores, labels, result_metrics, target.visuals())
+    files.append(write_scores(out_dir / SCORES_FILE, scores, labels))
     result = EvalResult(
         target=target.label,
         kind=target.kind,
