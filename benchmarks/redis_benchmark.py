@@ -22,6 +22,7 @@ import os
 import platform
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -147,6 +148,18 @@ def wrk(url: str, lua: Path, connections: int, seconds: float) -> dict[str, floa
     }
 
 
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_seconds() -> float:
+    """CPU-seconds all processes on the machine have used (every core, /proc/stat)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = values[3] + values[4]
+    return (sum(values[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 def scenario(
     name: str,
     models: Path,
@@ -173,11 +186,26 @@ def scenario(
         api = ApiProcess(models, work, **settings).wait_up()
         api.wait_ready()
         wrk(api.url, lua, connections, 2)  # warm-up
-        result = wrk(api.url, lua, connections, seconds)
+        pids = {"api": api.process.pid, **{w.name: w.process.pid for w in procs}}
+        if redis is not None and redis.process is not None:
+            pids["redis"] = redis.process.pid
+        cpu_before = {k: cpu_seconds(p) for k, p in pids.items()}
+        busy_before, wall_before = machine_busy_seconds(), time.monotonic()
+        result: dict[str, object] = dict(wrk(api.url, lua, connections, seconds))
+        wall = time.monotonic() - wall_before
+        cpu = {k: round(cpu_seconds(p) - cpu_before[k], 2) for k, p in pids.items()}
+        busy = machine_busy_seconds() - busy_before
+        result["cpu_seconds"] = cpu
+        # the cores' capacity over the run, and what everything else on the machine
+        # (wrk, other users) took of it
+        result["machine_cpu_capacity_s"] = round(wall * (os.cpu_count() or 1), 2)
+        result["machine_cpu_busy_s"] = round(busy, 2)
+        result["other_processes_cpu_s"] = round(busy - sum(cpu.values()), 2)
         if procs:
             items = sum(w.metric("gansentry_batch_size_sum") for w in procs)
             calls = sum(w.metric("gansentry_batch_size_count") for w in procs)
             result["mean_batch"] = round(items / calls, 2) if calls else 0.0
+            result["items_per_worker"] = [w.metric("gansentry_batch_size_sum") for w in procs]
         print(f"{name:>24}: {json.dumps(result)}", flush=True)
         return {"name": name, "connections": connections, "workers": workers, **result}
     finally:
@@ -193,6 +221,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per run")
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved repeats")
     parser.add_argument("--images", type=int, default=4, help="images per request")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/redis.json")
     args = parser.parse_args()
@@ -212,8 +241,20 @@ def main() -> int:
         "embedded_latency": (1, None),
         "redis_latency": (1, 1),
     }
-    runs = [scenario(name, models, work, lua, conns, d, w) for name, (conns, w) in plan.items()]
-    by = {r["name"]: r for r in runs}
+    # Interleaved rounds, medians reported: on a shared machine the load from other
+    # processes drifts within minutes, and back-to-back runs of one path would absorb it.
+    runs = [
+        scenario(name, models, work, lua, conns, d, w)
+        for _ in range(args.rounds)
+        for name, (conns, w) in plan.items()
+    ]
+    by = {
+        name: {
+            key: statistics.median(float(r[key]) for r in runs if r["name"] == name)  # type: ignore[arg-type]
+            for key in ("requests_per_s", "p50_ms", "p99_ms")
+        }
+        for name in plan
+    }
     summary = {
         "redis_vs_embedded_throughput": round(
             by["redis_1_worker"]["requests_per_s"] / by["embedded"]["requests_per_s"], 3
@@ -229,13 +270,15 @@ def main() -> int:
         "model": f"{MODEL}: untrained GANomaly, 3x64x64, ONNX Runtime CPU, 1 intra-op thread",
         "request": f"{args.images} base64 PNG image(s) per POST /score",
         "batch_settings": BATCH,
-        "load": f"wrk -t1, {c} connections (1 for the latency runs), {d:g} s after a 2 s warm-up",
+        "load": f"wrk -t1, {c} connections (1 for the latency runs), {d:g} s after a 2 s "
+        f"warm-up, {args.rounds} interleaved rounds, medians",
         "machine": {
             "cpus": os.cpu_count(),
             "load_average_at_end": os.getloadavg(),
             "python": platform.python_version(),
         },
         "ort_ms_per_call": ort_timings(models),
+        "medians": by,
         "runs": runs,
         "summary": summary,
         "targets": {
