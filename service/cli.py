@@ -129,9 +129,17 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def run_worker(args: argparse.Namespace) -> int:
-    """The flags above mirror `service.worker.add_worker_args`, declared here so that
-    building the CLI does not import redis and ONNX Runtime; the worker module maps them
-    to settings and validates them."""
+    from gansentry.cli import CliError
     from service import worker
 
-    return int(worker.run_worker(args) or 0)
+    settings = settings_from_args(
+        args,
+        {
+            "metrics_port": "worker_metrics_port",
+            "name": "worker_name",
+            "threads": "intra_op_threads",
+        },
+    )
+    if not settings.redis_url:
+        raise CliError("a worker needs --redis-url or GANSENTRY_REDIS_URL")
+    return worker.run_worker(settings)

@@ -14,7 +14,6 @@ thread so a long batch does not make the worker look dead."""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import os
@@ -536,68 +535,7 @@ def _timed_run(model: LoadedModel, x: np.ndarray) -> tuple[np.ndarray, np.ndarra
 # --- command line
 
 
-def add_worker_args(parser: argparse.ArgumentParser) -> None:
-    """Flags override the GANSENTRY_* environment (and .env), which override defaults."""
-    parser.add_argument("--redis-url", help="e.g. redis://localhost:6379/0 (GANSENTRY_REDIS_URL)")
-    parser.add_argument("--models-dir", type=str, help="model repository (GANSENTRY_MODELS_DIR)")
-    parser.add_argument(
-        "--metrics-port",
-        type=int,
-        help="port of this worker's /metrics; 0 = none (GANSENTRY_WORKER_METRICS_PORT)",
-    )
-    parser.add_argument(
-        "--providers",
-        choices=["auto", "tensorrt", "cuda", "cpu"],
-        help="ONNX Runtime execution providers (GANSENTRY_PROVIDERS)",
-    )
-    parser.add_argument("--max-batch-size", type=int, help="items per batch")
-    parser.add_argument("--max-batch-delay-ms", type=float, help="wait for a batch to fill")
-    parser.add_argument("--name", help="consumer name; default HOST-PID (GANSENTRY_WORKER_NAME)")
-    parser.add_argument(
-        "--threads", type=int, help="ONNX Runtime intra-op threads (GANSENTRY_INTRA_OP_THREADS)"
-    )
-
-
-_FLAGS = {
-    "redis_url": "redis_url",
-    "models_dir": "models_dir",
-    "metrics_port": "worker_metrics_port",
-    "providers": "providers",
-    "max_batch_size": "max_batch_size",
-    "max_batch_delay_ms": "max_batch_delay_ms",
-    "name": "worker_name",
-    "threads": "intra_op_threads",
-}
-
-
-def settings_from_args(args: argparse.Namespace) -> Settings:
-    from pydantic import ValidationError
-
-    from gansentry.cli import CliError
-
-    overrides = {
-        field: getattr(args, flag)
-        for flag, field in _FLAGS.items()
-        if getattr(args, flag, None) is not None
-    }
-    try:
-        settings = Settings(**overrides)
-    except ValidationError as e:
-        first = e.errors()[0]
-        raise CliError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from e
-    if not settings.redis_url:
-        raise CliError("a worker needs --redis-url or GANSENTRY_REDIS_URL")
-    return settings
-
-
-def run_worker(args: argparse.Namespace | Settings) -> int:
-    """`gansentry worker`: parsed flags (from add_worker_args), or Settings already built
-    from them by the caller."""
-    settings = args if isinstance(args, Settings) else settings_from_args(args)
-    return run_worker_settings(settings)
-
-
-def run_worker_settings(settings: Settings) -> int:
+def run_worker(settings: Settings) -> int:
     """Load the models, serve /metrics, run until SIGTERM/SIGINT; 0 on a clean stop."""
     from gansentry.cli import CliError
     from service.providers import ProviderError
@@ -622,22 +560,7 @@ def run_worker_settings(settings: Settings) -> int:
     return worker.run()
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m service.worker`, the same as `gansentry worker`."""
-    from gansentry.cli import CliError
-
-    parser = argparse.ArgumentParser(prog="gansentry worker", description=__doc__)
-    add_worker_args(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    try:
-        return run_worker(args)
-    except CliError as e:
-        print(f"gansentry worker: error: {e}", file=sys.stderr)
-        return 2
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    from gansentry.cli import main
+
+    sys.exit(main(["worker", *sys.argv[1:]]))

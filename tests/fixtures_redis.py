@@ -193,7 +193,7 @@ def redis_models(model_repo, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 class WorkerProcess:
-    """`python -m service.worker` (what `gansentry worker` runs) as a real subprocess."""
+    """`gansentry worker` as a real subprocess."""
 
     def __init__(
         self, redis_url: str, models_dir: Path, name: str, log_dir: Path, **settings: object
@@ -206,7 +206,7 @@ class WorkerProcess:
         env.setdefault("GANSENTRY_INTRA_OP_THREADS", "1")
         cmd = [
             sys.executable,
-            "-m", "service.worker",
+            "-m", "gansentry.cli", "worker",
             "--redis-url", redis_url,
             "--models-dir", str(models_dir),
             "--metrics-port", str(self.metrics_port),

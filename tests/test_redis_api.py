@@ -275,7 +275,7 @@ async def test_redis_restart_under_load(solo: Cluster):
     async def client_loop(seed: int) -> None:
         async with httpx.AsyncClient(base_url=solo.api.url, timeout=30) as client:
             i = 0
-            while time.monotonic() - t0 < 6.0:
+            while time.monotonic() - t0 < 9.0:
                 started = time.monotonic()
                 answer = await client.post("/score", json=image_body(1, seed * 1000 + i))
                 results.append((started - t0, answer.status_code, time.monotonic() - started))
@@ -294,7 +294,8 @@ async def test_redis_restart_under_load(solo: Cluster):
     assert statuses <= {200, 503}, statuses
     assert 503 in statuses
     slowest = max(elapsed for _, _, elapsed in results)
-    assert slowest < 2.0, f"a request took {slowest:.2f}s"
+    # Fail fast: far below the 10 s request deadline, with slack for a loaded CI machine.
+    assert slowest < 3.0, f"a request took {slowest:.2f}s"
     before = [s for t, s, _ in results if t < 0.9]
     assert before and set(before) == {200}
     late = [s for t, s, _ in results if t > restarted_at[0] + 3.0]
