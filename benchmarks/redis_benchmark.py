@@ -9,8 +9,8 @@ does not care about the weights) and the same batch settings on both paths:
 - scale-out: one vs two workers, each with ONNX Runtime limited to 1 intra-op thread;
 - the p50 latency the Redis hop adds, at one request in flight.
 
-Writes benchmarks/results/redis.json. Not part of CI: it takes a few minutes and wants
-the machine to itself."""
+Writes benchmarks/results/redis.json; `benchmarks/write_docs.py` renders it. Not part of
+CI: it takes a few minutes and wants the machine to itself."""
 
 from __future__ import annotations
 
@@ -217,6 +217,38 @@ def scenario(
             redis.stop()
 
 
+LABELS = {
+    "embedded": "embedded batcher, 32 connections",
+    "redis_1_worker": "Redis + 1 worker, 32 connections",
+    "redis_2_workers": "Redis + 2 workers, 32 connections",
+    "embedded_latency": "embedded batcher, 1 connection",
+    "redis_latency": "Redis + 1 worker, 1 connection",
+}
+
+
+def markdown(report: dict) -> str:
+    """The Redis section of docs/benchmarks.md, from redis.json."""
+    lines = [
+        "## Redis path vs embedded path (`benchmarks/redis_benchmark.py`)",
+        "",
+        f"Model: {report['model']}. Requests: {report['request']}. Batching: "
+        f"{report['batch_settings']}. Load: {report['load']}. Load average at the end: "
+        f"{', '.join(f'{v:.2f}' for v in report['machine']['load_average_at_end'])}.",
+        "",
+        "| run | requests/s | p50 ms | p99 ms |",
+        "|---|---:|---:|---:|",
+    ]
+    for key, label in LABELS.items():
+        m = report["medians"][key]
+        lines.append(
+            f"| {label} | {m['requests_per_s']:.1f} | {m['p50_ms']:.2f} | {m['p99_ms']:.2f} |"
+        )
+    lines += ["", "| target (issue 4) | measured | rule |", "|---|---:|---|"]
+    for key, rule in report["targets"].items():
+        lines.append(f"| {key.replace('_', ' ')} | {report['summary'][key]} | {rule} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per run")
@@ -289,7 +321,7 @@ def main() -> int:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(summary, indent=2))
+    print(markdown(report))
     shutil.rmtree(work, ignore_errors=True)
     return 0
 

@@ -6,7 +6,7 @@ Not a test and not run in CI: it takes a few minutes and needs `wrk` on the PATH
     python benchmarks/serve_benchmark.py                  # builds a GANomaly 1x32x32 if
     python benchmarks/serve_benchmark.py --models-dir models --model mnist-ganomaly
 
-Writes benchmarks/results/serve.json and docs/benchmarks-serving.md. The targets are the
+Writes benchmarks/results/serve.json; `benchmarks/write_docs.py` renders it. The targets are the
 ones in the service's issue (Performance section); each row says whether it was met."""
 
 from __future__ import annotations
@@ -416,15 +416,12 @@ def main() -> int:
     parser.add_argument("--raw-seconds", type=float, default=5.0)
     parser.add_argument("--max-batch-delay-ms", type=float, default=2.0)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/serve.json")
-    parser.add_argument("--doc", type=Path, default=ROOT / "docs/benchmarks-serving.md")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         parser.error("wrk is not on the PATH (Debian: apt-get install wrk)")
     result = run(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    args.doc.parent.mkdir(parents=True, exist_ok=True)
-    args.doc.write_text(markdown(result))
     print(markdown(result))
     return 0
 

@@ -1,0 +1,43 @@
+"""Render docs/benchmarks.md from the benchmarks' results files, so every number in it
+comes from a command in this folder:
+
+    python benchmarks/train_benchmark.py --plan kdd mnist     # -> results/train.jsonl
+    python benchmarks/serve_benchmark.py                      # -> results/serve.json
+    python benchmarks/redis_benchmark.py --duration 6         # -> results/redis.json
+    python benchmarks/write_docs.py                           # -> docs/benchmarks.md"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import redis_benchmark  # noqa: E402
+import serve_benchmark  # noqa: E402
+import train_benchmark  # noqa: E402
+
+RESULTS = HERE / "results"
+DOC = HERE.parent / "docs" / "benchmarks.md"
+NOTES = HERE / "notes.md"
+
+
+def main() -> None:
+    commands = (__doc__ or "").split("\n\n", 1)[1].strip()
+    parts = ["# Benchmarks", "", "Reproduce with:", "", "```sh", commands, "```", ""]
+    if NOTES.exists():
+        parts += [NOTES.read_text().strip(), ""]
+    if (RESULTS / "train.jsonl").exists():
+        parts.append(train_benchmark.report())
+    if (RESULTS / "serve.json").exists():
+        parts.append(serve_benchmark.markdown(json.loads((RESULTS / "serve.json").read_text())))
+    if (RESULTS / "redis.json").exists():
+        parts.append(redis_benchmark.markdown(json.loads((RESULTS / "redis.json").read_text())))
+    DOC.write_text("\n".join(parts))
+    print(f"wrote {DOC}")
+
+
+if __name__ == "__main__":
+    main()
