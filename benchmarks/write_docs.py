@@ -25,7 +25,7 @@ NOTES = HERE / "notes.md"
 
 
 def main() -> None:
-    commands = (__doc__ or "").split("\n\n", 1)[1].strip()
+    commands = "\n".join(line.strip() for line in (__doc__ or "").split("\n\n", 1)[1].splitlines())
     parts = ["# Benchmarks", "", "Reproduce with:", "", "```sh", commands, "```", ""]
     if NOTES.exists():
         parts += [NOTES.read_text().strip(), ""]
