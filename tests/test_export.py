@@ -87,8 +87,10 @@ def test_kdd_train_evaluate_export_twice(capsys, work, kdd_run):
     for key in ("auroc", "auprc", "precision", "recall", "f1", "top20_f1"):
         assert 0.0 <= m[key] <= 1.0
     names = {Path(f).name for f in run_eval["files"]}
-    assert names == {"roc.png", "score_histogram.png", "reconstructions.png"}
-    assert all((report / n).stat().st_size > 1000 for n in names)
+    pictures = {"roc.png", "score_histogram.png", "reconstructions.png"}
+    assert names == pictures | {"scores.csv"}
+    assert all((report / n).stat().st_size > 1000 for n in pictures)
+    assert len((report / "scores.csv").read_text().splitlines()) == 1 + m["n_test"]
     assert json.loads((report / "metrics.json").read_text())["metrics"] == m
 
     models = work / "models"
