@@ -152,7 +152,7 @@ def _record(rng: np.random.Generator) -> dict[str, Any]:
     }
 
 
-def _drive_traffic(topo: Topology, client: httpx.Client) -> None:
+def _drive_traffic(topo: Topology, client: httpx.Client, procs: list[Proc]) -> None:
     rng = np.random.default_rng(0)
 
     def post(body: dict[str, Any]) -> int:
@@ -191,6 +191,18 @@ def _drive_traffic(topo: Topology, client: httpx.Client) -> None:
         assert [post(b) for b in bad] == [404, 422, 422]
         assert stuck() in (503, 504)
         if wave is not good:
+            # The first wave must be every counter's scraped baseline before the second
+            # lands; a fixed sleep is not enough on a loaded machine.
+            sent = sum(topo.statuses.values())
+            _wait(
+                "Prometheus to scrape the first wave",
+                lambda sent=sent: (
+                    _scalar(topo.query('sum(gansentry_requests_total{job="api"})')) == sent
+                    and _scalar(topo.query('count(gansentry_batch_size_count{job="worker"})'))
+                ),
+                30,
+                procs,
+            )
             time.sleep(2.5)
 
 
@@ -269,7 +281,7 @@ def topology(model_repo: ModelRepo, tmp_path_factory: pytest.TempPathFactory) ->
                 procs,
             )
             _wait("API sees 2 live workers", lambda: _api_sees_workers(client) >= 2, 30, procs)
-            _drive_traffic(topo, client)
+            _drive_traffic(topo, client, procs)
         sent = sum(topo.statuses.values())
         # Prometheus has scraped the API after the last request, and both workers are back up.
         _wait(

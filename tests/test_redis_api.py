@@ -275,7 +275,7 @@ async def test_redis_restart_under_load(solo: Cluster):
     async def client_loop(seed: int) -> None:
         async with httpx.AsyncClient(base_url=solo.api.url, timeout=30) as client:
             i = 0
-            while time.monotonic() - t0 < 9.0:
+            while time.monotonic() - t0 < 12.0:
                 started = time.monotonic()
                 answer = await client.post("/score", json=image_body(1, seed * 1000 + i))
                 results.append((started - t0, answer.status_code, time.monotonic() - started))
@@ -298,8 +298,12 @@ async def test_redis_restart_under_load(solo: Cluster):
     assert slowest < 3.0, f"a request took {slowest:.2f}s"
     before = [s for t, s, _ in results if t < 0.9]
     assert before and set(before) == {200}
-    late = [s for t, s, _ in results if t > restarted_at[0] + 3.0]
-    assert late and set(late) == {200}, (restarted_at, details)
+    # Recovery: requests succeed again within a few seconds, and keep succeeding.
+    after = sorted((t, s) for t, s, _ in results if t > restarted_at[0])
+    recovered = next(t for t, s in after if s == 200)
+    assert recovered - restarted_at[0] < 6.0, (restarted_at, details)
+    late = [s for t, s in after if t > recovered + 1.0]
+    assert late and set(late) == {200}, (restarted_at, recovered, details)
     ready = httpx.get(f"{solo.api.url}/readyz")
     assert ready.status_code == 200, ready.text
     assert solo.redis.client().exists("gansentry:worker:w-restart") or solo.redis.client().exists(
