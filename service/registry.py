@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from gansentry.contract import (
     check_io,
 )
 from gansentry.manifest import Manifest, sha256_file
+from service import metrics
 from service.batching.base import ModelRef
 from service.providers import ProviderError, create_session
 from service.settings import Settings
@@ -64,6 +66,17 @@ class LoadedModel:
             [SCORE_NAME, RECONSTRUCTION_NAME], {INPUT_NAME: np.ascontiguousarray(x, np.float32)}
         )
         return score.reshape(-1), recon
+
+    def run_observed(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`run` for a served batch: records its size and ONNX Runtime time, the same way
+        in the embedded batcher and in a Redis worker."""
+        started = time.perf_counter()
+        scores, recons = self.run(x)
+        metrics.INFERENCE_LATENCY.labels(self.ref.name, self.provider).observe(
+            time.perf_counter() - started
+        )
+        metrics.BATCH_SIZE.labels(self.ref.name).observe(len(x))
+        return scores, recons
 
 
 def load_model(directory: Path, settings: Settings) -> LoadedModel:

@@ -405,7 +405,7 @@ class Worker:
                 if len(chunk) == 1
                 else np.concatenate([j.request.x for j in chunk])
             )
-            scores, recons = _timed_run(model, x)
+            scores, recons = model.run_observed(x)
         except Exception as e:
             if len(chunk) == 1:
                 return [self._failed(model, chunk[0], e)]
@@ -520,16 +520,6 @@ def _chunks(jobs: list[Job], max_items: int) -> list[list[Job]]:
     if current:
         out.append(current)
     return out
-
-
-def _timed_run(model: LoadedModel, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    started = time.perf_counter()
-    scores, recons = model.run(x)
-    metrics.INFERENCE_LATENCY.labels(model.ref.name, model.provider).observe(
-        time.perf_counter() - started
-    )
-    metrics.BATCH_SIZE.labels(model.ref.name).observe(len(x))
-    return scores, recons
 
 
 # --- command line

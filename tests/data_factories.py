@@ -22,18 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-CIFAR10_CLASSES = [
-    "airplane",
-    "automobile",
-    "bird",
-    "cat",
-    "deer",
-    "dog",
-    "frog",
-    "horse",
-    "ship",
-    "truck",
-]
+from training.data.cifar import CIFAR10_CLASSES
+
 KDD_PROTOCOLS = ["icmp", "tcp", "udp"]
 # The 66 services and 11 flags of the real 10% file, so the one-hot width is the real 121.
 KDD_SERVICES = [

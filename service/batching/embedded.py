@@ -241,7 +241,7 @@ class EmbeddedBatcher:
                 x = batch[0].request.x
             else:
                 x = np.concatenate([c.request.x[c.start : c.start + c.count] for c in batch])
-            scores, recons = await loop.run_in_executor(self._executor, _timed_run, model, x)
+            scores, recons = await loop.run_in_executor(self._executor, model.run_observed, x)
         except Exception as e:
             size = sum(c.count for c in batch)
             log.warning("batch of %d for %s failed (%s); retrying one by one", size, ref.key, e)
@@ -263,23 +263,13 @@ class EmbeddedBatcher:
                 if request.future.done():
                     break
                 try:
-                    score, recon = _timed_run(model, request.x[i : i + 1])
+                    score, recon = model.run_observed(request.x[i : i + 1])
                 except Exception as e:
                     metrics.WORKER_ERRORS.labels(model.ref.name, "inference").inc()
                     error = InferenceFailed(f"inputs[{i}]: ONNX Runtime failed on this input: {e}")
                     loop.call_soon_threadsafe(request.fail, error)
                     break
                 loop.call_soon_threadsafe(_deliver, _Chunk(request, i, 1), score, recon)
-
-
-def _timed_run(model: LoadedModel, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    started = time.perf_counter()
-    scores, recons = model.run(x)
-    metrics.INFERENCE_LATENCY.labels(model.ref.name, model.provider).observe(
-        time.perf_counter() - started
-    )
-    metrics.BATCH_SIZE.labels(model.ref.name).observe(len(x))
-    return scores, recons
 
 
 def _deliver(chunk: _Chunk, scores: np.ndarray, recons: np.ndarray) -> None:
