@@ -65,7 +65,11 @@ class EGBAD(AnomalyGAN):
 
     def _make_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         ge = [*self.enc.parameters(), *self.gen.parameters()]
-        return {"ge": self._adam(ge), "d": self._adam(self.disc.parameters())}
+        d = self._adam(self.disc.parameters())
+        # A slower discriminator keeps the BiGAN from collapsing after a few epochs.
+        for group in d.param_groups:
+            group["lr"] *= self.hparams["d_lr_scale"]
+        return {"ge": self._adam(ge), "d": d}
 
     @torch.no_grad()
     def _update_ema(self) -> None:
