@@ -42,6 +42,8 @@ _DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
         "w_con": 50.0,
         "w_enc": 1.0,
     },
+    # MNIST digit 0 (one-class-normal, 32 px, seed 0): AUROC 0.89 with D at a tenth of the
+    # lr (D loss stays near 1.3), 0.07 at d_lr_scale 1 (D wins, reconstructions collapse).
     ("egbad", "image"): {
         **_ADAM,
         "batch_size": 100,
@@ -53,7 +55,7 @@ _DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
         "d_joint_hidden": 512,
         "d_dropout": 0.5,
         "ema_decay": 0.999,
-        "d_lr_scale": 1.0,
+        "d_lr_scale": 0.1,
         "score_weight": 0.1,
         "score_method": "fm",
         "leaky_slope": 0.2,
