@@ -298,12 +298,13 @@ async def test_redis_restart_under_load(solo: Cluster):
     assert slowest < 3.0, f"a request took {slowest:.2f}s"
     before = [s for t, s, _ in results if t < 0.9]
     assert before and set(before) == {200}
-    # Recovery: requests succeed again within a few seconds, and keep succeeding.
+    # Recovery: within a few seconds of the restart (workers re-register their heartbeats
+    # on reconnect) requests succeed again, and keep succeeding to the end of the run.
     after = sorted((t, s) for t, s, _ in results if t > restarted_at[0])
-    recovered = next(t for t, s in after if s == 200)
-    assert recovered - restarted_at[0] < 6.0, (restarted_at, details)
-    late = [s for t, s in after if t > recovered + 1.0]
-    assert late and set(late) == {200}, (restarted_at, recovered, details)
+    last_failure = max((t for t, s in after if s != 200), default=restarted_at[0])
+    assert last_failure - restarted_at[0] < 6.0, (restarted_at, details)
+    settled = [s for t, s in after if t > last_failure]
+    assert len(settled) >= 10, (restarted_at, last_failure, details)
     ready = httpx.get(f"{solo.api.url}/readyz")
     assert ready.status_code == 200, ready.text
     assert solo.redis.client().exists("gansentry:worker:w-restart") or solo.redis.client().exists(
