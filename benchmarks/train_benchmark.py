@@ -7,7 +7,8 @@ the work can spread over several sessions in the background, or run on a GPU mac
     python benchmarks/train_benchmark.py --plan kdd            # KDD99 kdd-dagmm, all models
     python benchmarks/train_benchmark.py --plan mnist --seeds 0 1
     python benchmarks/train_benchmark.py --plan cifar10 --classes 0 1
-    python benchmarks/train_benchmark.py --report              # writes docs/benchmarks.md
+    python benchmarks/train_benchmark.py --report              # prints the tables
+    python benchmarks/write_docs.py                            # renders docs/benchmarks.md
 
 Each job runs in its own process, so its peak RSS is the job's own peak memory."""
 
