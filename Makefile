@@ -16,7 +16,7 @@ COMMON = --seed $(SEED) --data-root $(DATA) --device $(DEVICE) --resume
 
 SHIPPED = mnist-ganomaly mnist-egbad mnist-memgan kdd-egbad kdd-memgan kdd-ganomaly
 
-.PHONY: models $(SHIPPED) test lint format
+.PHONY: models $(SHIPPED) reports test lint format
 
 models: $(SHIPPED)
 
@@ -54,3 +54,10 @@ lint:
 format:
 	ruff check --fix .
 	ruff format .
+
+# The pictures in docs/reports: ROC, score histograms, reconstruction grids (and MEMGAN's
+# decoded memory units, which only a run folder has), from the shipped models.
+reports:
+	$(GANSENTRY) evaluate $(MODELS)/mnist-ganomaly/1 --data-root $(DATA) --report-dir docs/reports/mnist-ganomaly
+	$(GANSENTRY) evaluate $(RUNS)/mnist-memgan --data-root $(DATA) --report-dir docs/reports/mnist-memgan
+	$(GANSENTRY) evaluate $(MODELS)/kdd-egbad/1 --data-root $(DATA) --report-dir docs/reports/kdd-egbad
