@@ -1,10 +1,11 @@
 """Render docs/benchmarks.md from the benchmarks' results files, so every number in it
 comes from a command in this folder:
 
-    python benchmarks/train_benchmark.py --plan kdd mnist     # -> results/train.jsonl
-    python benchmarks/serve_benchmark.py                      # -> results/serve.json
-    python benchmarks/redis_benchmark.py --duration 6         # -> results/redis.json
-    python benchmarks/write_docs.py                           # -> docs/benchmarks.md"""
+    python benchmarks/train_benchmark.py --plan kdd --seeds 0 1 2       # -> results/train.jsonl
+    python benchmarks/train_benchmark.py --plan mnist                     # (all models)
+    python benchmarks/serve_benchmark.py --models-dir models --model mnist-ganomaly
+    python benchmarks/redis_benchmark.py --duration 6 --rounds 3          # -> results/redis.json
+    python benchmarks/write_docs.py                                       # -> docs/benchmarks.md"""
 
 from __future__ import annotations
 
