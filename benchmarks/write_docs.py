@@ -3,6 +3,7 @@ comes from a command in this folder:
 
     python benchmarks/train_benchmark.py --plan kdd --seeds 0 1 2       # -> results/train.jsonl
     python benchmarks/train_benchmark.py --plan mnist                     # (all models)
+    python benchmarks/train_benchmark.py --plan cifar10 --models ganomaly iforest ocsvm
     python benchmarks/serve_benchmark.py --models-dir models --model mnist-ganomaly
     python benchmarks/redis_benchmark.py --duration 6 --rounds 3          # -> results/redis.json
     python benchmarks/write_docs.py                                       # -> docs/benchmarks.md"""
