@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import redis
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
 
 def redis_server_binary() -> str:
     found = shutil.which("redis-server")
@@ -192,6 +194,29 @@ def redis_models(model_repo, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def spawn(cmd: list[str], env: dict[str, str], log: Path) -> tuple[subprocess.Popen, object]:
+    """A gansentry (or other) process run from the repository root, output to `log`."""
+    log_file = open(log, "wb")  # noqa: SIM115 - closed by stop_process
+    process = subprocess.Popen(
+        cmd, cwd=REPO_ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT
+    )
+    return process, log_file
+
+
+def stop_process(process: subprocess.Popen, log_file, timeout: float = 15.0) -> int:
+    """SIGTERM (after SIGCONT, in case a test paused it), then SIGKILL past `timeout`."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGCONT)
+        process.terminate()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    log_file.close()
+    return process.returncode
+
+
 class WorkerProcess:
     """`gansentry worker` as a real subprocess."""
 
@@ -213,14 +238,7 @@ class WorkerProcess:
             "--name", name,
             "--providers", "cpu",
         ]  # fmt: skip
-        self._log_file = open(self.log, "wb")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(
-            cmd,
-            cwd=Path(__file__).resolve().parents[1],
-            env=env,
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-        )
+        self.process, self._log_file = spawn(cmd, env, self.log)
         self.redis_url = redis_url
 
     def wait_alive(self, timeout: float = 60.0) -> WorkerProcess:
@@ -262,15 +280,7 @@ class WorkerProcess:
             self.process.wait(timeout=10)
 
     def stop(self, timeout: float = 15.0) -> int:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log_file.close()
-        return self.process.returncode
+        return stop_process(self.process, self._log_file, timeout)
 
 
 @pytest.fixture
@@ -309,14 +319,7 @@ class ApiProcess:
             "--providers", "cpu",
             "--log-level", "warning",
         ]  # fmt: skip
-        self._log_file = open(self.log, "wb")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(
-            cmd,
-            cwd=Path(__file__).resolve().parents[1],
-            env=env,
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-        )
+        self.process, self._log_file = spawn(cmd, env, self.log)
 
     def wait_up(self, timeout: float = 60.0) -> ApiProcess:
         import httpx
@@ -347,14 +350,7 @@ class ApiProcess:
         raise RuntimeError(f"API not ready: {body}")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log_file.close()
+        stop_process(self.process, self._log_file)
 
 
 @pytest.fixture

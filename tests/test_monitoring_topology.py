@@ -27,7 +27,7 @@ import pytest
 import yaml
 
 from tests.fixtures_models import IMAGE_MODEL, IMAGE_SPEC, TABULAR_MODEL, ModelRepo
-from tests.fixtures_redis import RedisServer, free_port
+from tests.fixtures_redis import RedisServer, free_port, spawn, stop_process
 
 ROOT = Path(__file__).resolve().parents[1]
 PROM_DIR = ROOT / "docker" / "prometheus"
@@ -95,10 +95,7 @@ class Proc:
     process: subprocess.Popen[bytes] = field(init=False)
 
     def __post_init__(self) -> None:
-        self._log = open(self.log, "wb")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(
-            self.cmd, cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT
-        )
+        self.process, self._log = spawn(self.cmd, self.env, self.log)
 
     def tail(self) -> str:
         return self.log.read_text(errors="replace")[-3000:]
@@ -107,15 +104,7 @@ class Proc:
         os.kill(self.process.pid, sig)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGCONT)
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
+        stop_process(self.process, self._log)
 
 
 @dataclass
