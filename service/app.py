@@ -22,6 +22,7 @@ from service.api import health, models, score, state
 from service.api.errors import error_response
 from service.batching import create_batcher
 from service.batching.base import BatchingError
+from service.gc_tuning import settle_after_startup
 from service.inputs import InputsInvalid
 from service.providers import ProviderError
 from service.registry import ModelNotFound, Registry
@@ -57,6 +58,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state.publish_model_info(registry)
     batcher = create_batcher(settings, registry)
     await batcher.start()
+    settle_after_startup()
     app.state.registry = registry
     app.state.batcher = batcher
     app.state.reload_lock = asyncio.Lock()

