@@ -4,7 +4,8 @@ comes from a command in this folder:
     python benchmarks/train_benchmark.py --plan kdd --seeds 0 1 2       # -> results/train.jsonl
     python benchmarks/train_benchmark.py --plan mnist                     # (all models)
     python benchmarks/train_benchmark.py --plan cifar10 --models ganomaly iforest ocsvm
-    python benchmarks/serve_benchmark.py --models-dir models --model mnist-ganomaly
+    python benchmarks/serve_benchmark.py                                  # paper-sized GANomaly
+    python benchmarks/serve_benchmark.py --model mnist-ganomaly           # a shipped model
     python benchmarks/redis_benchmark.py --duration 6 --rounds 3          # -> results/redis.json
     python benchmarks/write_docs.py                                       # -> docs/benchmarks.md"""
 
@@ -33,8 +34,9 @@ def main() -> None:
         parts += [NOTES.read_text().strip(), ""]
     if (RESULTS / "train.jsonl").exists():
         parts.append(train_benchmark.report())
-    if (RESULTS / "serve.json").exists():
-        parts.append(serve_benchmark.markdown(json.loads((RESULTS / "serve.json").read_text())))
+    serving = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("serve-*.json"))]
+    if serving:
+        parts.append(serve_benchmark.markdown_all(serving))
     if (RESULTS / "redis.json").exists():
         parts.append(redis_benchmark.markdown(json.loads((RESULTS / "redis.json").read_text())))
     DOC.write_text("\n".join(parts))
