@@ -104,6 +104,7 @@ class Request:
     enqueued_at: float
     reply_to: str
     x: np.ndarray
+    want_reconstruction: bool = True
 
     def fields(self) -> dict[str, bytes | str]:
         return {
@@ -112,6 +113,7 @@ class Request:
             "enq": repr(self.enqueued_at),
             "reply": self.reply_to,
             "n": str(self.n),
+            "recon": "1" if self.want_reconstruction else "0",
             "payload": msgpack.packb({"x": encode_array(self.x)}),
         }
 
@@ -170,7 +172,8 @@ def decode_request(fields: Mapping[bytes, bytes], sample_shape: tuple[int, ...])
         raise ProtocolError(f"payload x has shape {list(x.shape)}, expected [{expected}]")
     if x.shape[0] < 1:
         raise ProtocolError("payload x holds no inputs")
-    return Request(env.request_id, env.deadline, env.enqueued_at, env.reply_to, x)
+    want = fields.get(b"recon", b"1") != b"0"  # entries from older APIs have no flag
+    return Request(env.request_id, env.deadline, env.enqueued_at, env.reply_to, x, want)
 
 
 # Error kinds a worker can answer with, and the exception the API raises for each.
@@ -186,15 +189,11 @@ _ERRORS: dict[str, type[BatchingError]] = {
 }
 
 
-def encode_result(request_id: str, scores: np.ndarray, recon: np.ndarray) -> bytes:
-    return msgpack.packb(
-        {
-            "rid": request_id,
-            "ok": True,
-            "scores": encode_array(scores),
-            "recon": encode_array(recon),
-        }
-    )
+def encode_result(request_id: str, scores: np.ndarray, recon: np.ndarray | None) -> bytes:
+    body: dict[str, object] = {"rid": request_id, "ok": True, "scores": encode_array(scores)}
+    if recon is not None:
+        body["recon"] = encode_array(recon)
+    return msgpack.packb(body)
 
 
 def encode_error(request_id: str, kind: str, message: str) -> bytes:
@@ -216,7 +215,8 @@ def decode_result(raw: bytes) -> Result:
         raise ProtocolError(f"unreadable result: {e}") from e
     if body.get("ok"):
         scores = decode_array(body.get("scores"), "result scores")
-        recon = decode_array(body.get("recon"), "result reconstruction")
+        raw_recon = body.get("recon")
+        recon = None if raw_recon is None else decode_array(raw_recon, "result reconstruction")
         return Result(rid, scored=Scored(scores, recon))
     kind = body.get("kind", INFERENCE)
     error_type = _ERRORS.get(kind, InferenceFailed)

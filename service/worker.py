@@ -421,9 +421,8 @@ class Worker:
         offset = 0
         for job in chunk:
             n = job.request.n
-            body = encode_result(
-                job.request.request_id, scores[offset : offset + n], recons[offset : offset + n]
-            )
+            recon = recons[offset : offset + n] if job.request.want_reconstruction else None
+            body = encode_result(job.request.request_id, scores[offset : offset + n], recon)
             answers.append(Answer(job.entry, _envelope(job.request), body))
             offset += n
         return answers

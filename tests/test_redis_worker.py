@@ -243,6 +243,16 @@ async def test_batcher_fails_fast_without_worker_then_scores_like_direct_runs(
         assert worker.metric("gansentry_batch_size_sum") == sum(len(x) for x in xs)
         # several requests per ORT call: batching happened across entries
         assert worker.metric("gansentry_batch_size_count") < len(xs)
+
+        # no reconstruction asked for: none travels back, and the scores are the same,
+        # also for a request batched with one that does want them
+        lean, full = await asyncio.gather(
+            batcher.submit(REF, xs[1], time.time() + 5, reconstruction=False),
+            batcher.submit(REF, xs[2], time.time() + 5, reconstruction=True),
+        )
+        assert lean.reconstructions is None
+        np.testing.assert_allclose(lean.scores, results[1].scores, rtol=1e-6)
+        np.testing.assert_allclose(full.reconstructions, results[2].reconstructions, rtol=1e-6)
     finally:
         await batcher.stop()
 

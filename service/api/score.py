@@ -138,7 +138,7 @@ async def score(request: Request) -> Response:
                     415, f"send application/json or multipart/form-data, not {ctype!r}"
                 )
             timeout_s = _timeout_s(request, timeout_ms, settings)
-            scored = await _submit(request, batcher, loaded, prepared, timeout_s)
+            scored = await _submit(request, batcher, loaded, prepared, timeout_s, want_recon)
             if scored is None:
                 status = CLIENT_GONE
                 return Response(status_code=CLIENT_GONE)
@@ -219,7 +219,12 @@ def _timeout_s(request: Request, body_ms: float | None, settings: Settings) -> f
 
 
 async def _submit(
-    request: Request, batcher: Batcher, loaded: LoadedModel, prepared: Prepared, timeout_s: float
+    request: Request,
+    batcher: Batcher,
+    loaded: LoadedModel,
+    prepared: Prepared,
+    timeout_s: float,
+    want_recon: bool,
 ) -> Scored | None:
     """Wait for the batcher until the deadline or the client hanging up, whichever comes
     first; either cancels the wait, so the request's inputs leave the queue. None: the
@@ -239,7 +244,9 @@ async def _submit(
     timer = loop.call_later(timeout_s + DEADLINE_GRACE_S, stop, "deadline")
     watch = loop.create_task(_on_disconnect(request.receive, stop))
     try:
-        return await batcher.submit(loaded.ref, prepared.x, time.time() + timeout_s)
+        return await batcher.submit(
+            loaded.ref, prepared.x, time.time() + timeout_s, reconstruction=want_recon
+        )
     except asyncio.CancelledError:
         if not why:
             raise
@@ -273,10 +280,12 @@ def _payload(loaded: LoadedModel, prepared: Prepared, scored: Scored, want_recon
     threshold = loaded.threshold
     scores = scored.scores.tolist()
     results: list[dict] = []
+    recons = scored.reconstructions
     for i, s in enumerate(scores):
         result: dict = {"score": s, "is_anomaly": s > threshold}
         if want_recon:
-            recon = scored.reconstructions[i]
+            assert recons is not None, "asked the batcher for reconstructions"
+            recon = recons[i]
             result["reconstruction"] = (
                 array_to_base64_png(recon) if prepared.kinds[i] == "image" else recon.tolist()
             )

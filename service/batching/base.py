@@ -56,7 +56,7 @@ class ModelRef:
 @dataclass(frozen=True)
 class Scored:
     scores: np.ndarray  # float32 [n]
-    reconstructions: np.ndarray  # float32 [n, *sample_shape]
+    reconstructions: np.ndarray | None  # float32 [n, *sample_shape]; None if not asked for
 
 
 class Batcher(Protocol):
@@ -64,10 +64,14 @@ class Batcher(Protocol):
 
     async def stop(self) -> None: ...
 
-    async def submit(self, model: ModelRef, x: np.ndarray, deadline: float) -> Scored:
+    async def submit(
+        self, model: ModelRef, x: np.ndarray, deadline: float, reconstruction: bool = True
+    ) -> Scored:
         """Score `x` ([n, *sample_shape], float32, already validated) as part of whatever
         batches the backend forms. `deadline` is a Unix time (time.time()): past it the
-        request fails with DeadlineExceeded and is not computed."""
+        request fails with DeadlineExceeded and is not computed. `reconstruction=False`
+        lets a backend skip moving reconstructions it would only throw away (through
+        Redis they are most of the bytes); it may still return them."""
         ...
 
     async def ready(self) -> tuple[bool, str]:

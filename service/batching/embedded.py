@@ -118,7 +118,9 @@ class EmbeddedBatcher:
             return False, f"batching stopped for {', '.join(dead)}"
         return True, "embedded batcher running"
 
-    async def submit(self, model: ModelRef, x: np.ndarray, deadline: float) -> Scored:
+    async def submit(
+        self, model: ModelRef, x: np.ndarray, deadline: float, reconstruction: bool = True
+    ) -> Scored:
         if not self._running:
             raise BackendUnavailable("the batcher is not running")
         n = len(x)

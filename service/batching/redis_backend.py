@@ -141,7 +141,9 @@ class RedisBatcher:
             return False, f"no live gansentry worker (no {WORKER_KEY_PREFIX}* key in Redis)"
         return True, f"redis at {self.where}, {len(self._workers)} worker(s) alive"
 
-    async def submit(self, model: ModelRef, x: np.ndarray, deadline: float) -> Scored:
+    async def submit(
+        self, model: ModelRef, x: np.ndarray, deadline: float, reconstruction: bool = True
+    ) -> Scored:
         if not self._running or self._redis is None:
             raise BackendUnavailable("the batcher is not running")
         now = time.time()
@@ -157,7 +159,7 @@ class RedisBatcher:
                 f"workers serve {sorted(self._served) or 'nothing'}"
             )
         rid = uuid.uuid4().hex
-        request = Request(rid, deadline, now, self.reply_key, x)
+        request = Request(rid, deadline, now, self.reply_key, x, reconstruction)
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         self._pending[rid] = future
         stream = stream_key(model)
