@@ -230,7 +230,9 @@ async def test_batcher_fails_fast_without_worker_then_scores_like_direct_runs(
             await batcher.submit(REF, sample(1), time.time() + 5)
         assert time.monotonic() - started < 0.1
 
-        worker = start_worker(redis_server.url, poison_models, "w-batcher", **FAST)
+        # a wide batching window, so a loaded machine enqueueing slowly still merges entries
+        gather = {**FAST, "max_batch_delay_ms": 50}
+        worker = start_worker(redis_server.url, poison_models, "w-batcher", **gather)
         await asyncio.to_thread(worker.wait_alive)
         await asyncio.sleep(1.2)  # the batcher's worker cache refreshes every second
         assert (await batcher.ready())[0]
