@@ -1,12 +1,12 @@
 """Garbage-collector settings for a long-running serving process.
 
-Measured on the shipped mnist-ganomaly under wrk (8 connections, 2 cores): with Python's
-defaults a full collection ran about once a second and walked every object FastAPI,
-pydantic, NumPy and ONNX Runtime built at start-up, stalling the event loop 40-60 ms
-each time; that stall was the whole p99 (45 ms against a 7 ms p90). Freezing what
-start-up built takes it out of every later collection, and a larger young generation
-lets in-flight requests' objects die young instead of being promoted and rescanned.
-After: p99 6 ms at the same load (`benchmarks/serve_benchmark.py`)."""
+Timed with `gc.callbacks` in a `gansentry serve` process under wrk load (2 cores): with
+Python's defaults a full collection ran about once a second and walked every object
+FastAPI, pydantic, NumPy and ONNX Runtime built at start-up, stalling the event loop
+40-60 ms each time, which was the whole p99 tail. Freezing what start-up built takes it
+out of every later collection, and a larger young generation lets in-flight requests'
+objects die young instead of being promoted and rescanned. The p99 that results is in
+docs/benchmarks.md (`benchmarks/serve_benchmark.py`)."""
 
 from __future__ import annotations
 
