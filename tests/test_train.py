@@ -147,6 +147,7 @@ def test_selection_and_threshold_ignore_test_labels(tmp_path):
     [
         ("ganomaly", image_splits, TINY_IMAGE),
         ("egbad", tabular_splits, TINY_BIGAN_TAB),
+        ("egbad", tabular_splits, {**TINY_BIGAN_TAB, "w_rec": 0.0}),
         ("memgan", tabular_splits, {**TINY_BIGAN_TAB, "memory_units": 5}),
     ],
 )

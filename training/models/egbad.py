@@ -102,10 +102,18 @@ class EGBAD(AnomalyGAN):
         opt["ge"].zero_grad(set_to_none=True)
         l_e = bce(self.disc(x, z_real)[0], 0.0)
         l_g = bce(self.disc(x_fake, z)[0], 1.0)
-        (l_e + l_g).backward()
+        loss = l_e + l_g
+        losses = {"d": l_d.item(), "g": l_g.item(), "e": l_e.item()}
+        if self.hparams["w_rec"]:
+            # Not in the paper: a pure BiGAN only inverts G by accident, and on KDD it
+            # drops whole attack modes from G(E(x)) (see the tabular defaults' comment).
+            l_rec = (x - self.gen(z_real)).abs().mean()
+            loss = loss + self.hparams["w_rec"] * l_rec
+            losses["rec"] = l_rec.item()
+        loss.backward()
         opt["ge"].step()
         self._update_ema()
-        return {"d": l_d.item(), "g": l_g.item(), "e": l_e.item()}
+        return losses
 
     def _reconstruct(self, x: Tensor) -> tuple[Tensor, Tensor]:
         z = self.ema_enc(x)[0]
