@@ -7,6 +7,7 @@ the work can spread over several sessions in the background, or run on a GPU mac
     python benchmarks/train_benchmark.py --plan kdd            # KDD99 kdd-dagmm, all models
     python benchmarks/train_benchmark.py --plan mnist --seeds 0 1
     python benchmarks/train_benchmark.py --plan cifar10 --classes 0 1
+    python benchmarks/train_benchmark.py --plan cifar10 --hparam contrast_norm=true
     python benchmarks/train_benchmark.py --report              # prints the tables
     python benchmarks/write_docs.py                            # renders docs/benchmarks.md
 
@@ -46,8 +47,30 @@ PUBLISHED = {
 }
 
 
-def job_key(dataset: str, model: str, cls: str | None, seed: int) -> str:
-    return f"{dataset}/{model}/{cls if cls is not None else 'all'}/seed{seed}"
+def variant(hparams: dict) -> str:
+    """How a job's hyperparameters differ from the defaults, as in `--hparam`."""
+    return ",".join(f"{k}={json.dumps(v)}" for k, v in sorted(hparams.items()))
+
+
+def job_key(
+    dataset: str, model: str, cls: str | None, seed: int, hparams: dict | None = None
+) -> str:
+    key = f"{dataset}/{model}/{cls if cls is not None else 'all'}/seed{seed}"
+    return f"{key}/{variant(hparams)}" if hparams else key
+
+
+def label(row: dict) -> str:
+    """A results row's model as the tables name it: the model, then any variant."""
+    return f"{row['model']} ({variant(row['hparams'])})" if row.get("hparams") else row["model"]
+
+
+def contrast_normalised(x):
+    """Baselines see the same per-image contrast normalisation as the GANs' graphs."""
+    import torch
+
+    from training.models.base import AnomalyGAN
+
+    return AnomalyGAN._contrast(torch.as_tensor(x))[0].numpy()
 
 
 def done_keys() -> set[str]:
@@ -74,6 +97,7 @@ def run_one(spec: dict) -> dict:
     splits = load_splits(dataset, protocol, normal_class=cls, root=DATA_ROOT, image_size=image_size)
     t0 = time.perf_counter()
     extra: dict = {}
+    hparams = dict(spec.get("hparams") or {})
     if model in GANS:
         from training.runs import load_run, score_array
         from training.train import TrainConfig, train
@@ -90,6 +114,7 @@ def run_one(spec: dict) -> dict:
             data_root=DATA_ROOT,
             image_size=image_size,
             epochs=spec.get("epochs"),
+            hparams=hparams,
         )
         run_dir = train(cfg, splits=splits, progress=False)
         net, info = load_run(run_dir)
@@ -105,7 +130,11 @@ def run_one(spec: dict) -> dict:
         from sklearn.ensemble import IsolationForest
         from sklearn.svm import OneClassSVM
 
-        flat = lambda a: a.reshape(len(a), -1)  # noqa: E731
+        unknown = set(hparams) - {"contrast_norm"}
+        if unknown:
+            raise SystemExit(f"baselines take only contrast_norm, got {sorted(unknown)}")
+        prep = contrast_normalised if hparams.get("contrast_norm") else (lambda a: a)
+        flat = lambda a: prep(a).reshape(len(a), -1)  # noqa: E731
         x = flat(splits.train)
         if model == "iforest":
             est = IsolationForest(n_estimators=100, random_state=seed, n_jobs=1)
@@ -141,7 +170,7 @@ def plan_jobs(args: argparse.Namespace) -> list[dict]:
         for seed in args.seeds:
             for cls in classes:
                 for model in args.models:
-                    key = job_key(dataset, model, cls, seed)
+                    key = job_key(dataset, model, cls, seed, args.hparams)
                     jobs.append(
                         {
                             "key": key,
@@ -151,6 +180,7 @@ def plan_jobs(args: argparse.Namespace) -> list[dict]:
                             "cls": cls,
                             "seed": seed,
                             "epochs": args.epochs,
+                            **({"hparams": args.hparams} if args.hparams else {}),
                         }
                     )
     return jobs
@@ -214,7 +244,8 @@ def report() -> str:
         "official batches.",
         "",
     ]
-    models = [*GANS, *BASELINES]
+    order = [*GANS, *BASELINES]
+    models = sorted({label(r) for r in rows}, key=lambda m: (order.index(m.split(" ")[0]), m))
     for dataset, protocol in (("mnist", "one-class-normal"), ("cifar10", "one-class-normal")):
         sel = [r for r in rows if r["dataset"] == dataset]
         if not sel:
@@ -231,7 +262,7 @@ def report() -> str:
             cells, means = [], []
             for c in range(10):
                 vals = [
-                    r["metrics"]["auroc"] for r in sel if r["model"] == model and r["cls"] == str(c)
+                    r["metrics"]["auroc"] for r in sel if label(r) == model and r["cls"] == str(c)
                 ]
                 cells.append(_mean_sd(vals))
                 if vals:
@@ -252,7 +283,7 @@ def report() -> str:
             "|---" * 7 + "|",
         ]
         for model in models:
-            ms = [r["metrics"] for r in sel if r["model"] == model]
+            ms = [r["metrics"] for r in sel if label(r) == model]
             if ms:
                 out.append(
                     f"| {model} | {len(ms)} | {_mean_sd([m['top20_precision'] for m in ms])} | "
@@ -269,7 +300,7 @@ def report() -> str:
     ]
     for dataset in ("mnist", "cifar10", "kddcup99"):
         for model in models:
-            sel = [r for r in rows if r["dataset"] == dataset and r["model"] == model]
+            sel = [r for r in rows if r["dataset"] == dataset and label(r) == model]
             if sel:
                 out.append(
                     f"| {dataset} | {model} | {len(sel)} | "
@@ -286,9 +317,19 @@ def main() -> None:
     p.add_argument("--classes", nargs="+", default=None)
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--epochs", type=int, default=None, help="default: each model's own")
+    p.add_argument(
+        "--hparam",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a hyperparameter that differs from the model's default (a separate variant)",
+    )
     p.add_argument("--report", action="store_true", help="print the markdown tables")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args()
+    from training.cli import parse_hparams
+
+    args.hparams = parse_hparams(args.hparam)
     if args.one:
         print(json.dumps(run_one(json.loads(args.one))))
         return

@@ -107,3 +107,35 @@ def test_default_hparams_are_complete_and_fresh(arch):
         assert {"lr", "beta1", "beta2", "batch_size", "epochs", "latent_dim"} <= set(h)
         h["latent_dim"] = -1
         assert default_hparams(arch, spec)["latent_dim"] > 0
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_contrast_normalisation_is_fitted_exported_and_ignores_brightness(arch, tmp_path):
+    torch.manual_seed(0)
+    model = build_model(arch, RGB28, contrast_norm=True, **small(arch, RGB28))
+    train_x = batch(RGB28, 16)
+    model.fit_input_space(train_x)
+    centred = train_x - train_x.mean(dim=(1, 2, 3), keepdim=True)
+    g = centred / centred.abs().mean(dim=(1, 2, 3), keepdim=True)
+    assert model.gcn_low.item() == pytest.approx(g.min().item(), rel=1e-5)
+    assert model.gcn_high.item() == pytest.approx(g.max().item(), rel=1e-5)
+    model.training_step(train_x[:8])
+    model.eval()
+    x = batch(RGB28, 5)
+    with torch.no_grad():
+        score, recon = model.score(x)
+        dimmer, _ = model.score(0.5 * x + 0.2)
+    # The per-image contrast and brightness are normalised away before the networks.
+    torch.testing.assert_close(dimmer, score, rtol=1e-3, atol=1e-5)
+    assert float(recon.min()) >= 0.0 and float(recon.max()) <= 1.0
+    # The fitted range travels with the weights into the scorer copy and the ONNX graph.
+    scorer = model.scorer()
+    assert scorer.model.gcn_high.item() == model.gcn_high.item()
+    assert export_onnx(scorer, x, tmp_path / "m.onnx") <= 1e-4
+
+
+def test_contrast_normalisation_is_off_by_default():
+    assert default_hparams("ganomaly", IMAGE)["contrast_norm"] is False
+    assert "gcn_low" not in dict(
+        build_model("ganomaly", IMAGE, **small("ganomaly", IMAGE)).named_buffers()
+    )

@@ -295,6 +295,8 @@ def _train(
         seconds, peak = state["training_seconds"], state["peak_memory_mb"]
 
     train_x = torch.as_tensor(splits.train, dtype=torch.float32, device=device)
+    if not resuming:
+        model.fit_input_space(train_x)
     val_x = torch.as_tensor(splits.val, dtype=torch.float32, device=device)
     epochs = h["epochs"]
     for epoch in range(len(history) + 1, epochs + 1):

@@ -28,6 +28,7 @@ class AnomalyGAN(nn.Module, ABC):
         self.spec = spec
         self.hparams = dict(hparams)
         self._optimizers: dict[str, torch.optim.Optimizer] | None = None
+        self._init_contrast_norm()
 
     @property
     def is_image(self) -> bool:
@@ -66,13 +67,64 @@ class AnomalyGAN(nn.Module, ABC):
         """One minibatch in the contract range: every sub-network update; returns the
         named losses for the progress bar and history."""
 
-    # -- scoring -------------------------------------------------------------------
+    # -- input space ---------------------------------------------------------------
+    @property
+    def contrast_normalised(self) -> bool:
+        return self.is_image and bool(self.hparams.get("contrast_norm", False))
+
+    def _init_contrast_norm(self) -> None:
+        """Buffers for the range of contrast-normalised training images, so the fitted
+        scaling travels in checkpoints and in the exported graph."""
+        if self.contrast_normalised:
+            self.register_buffer("gcn_low", torch.tensor(-1.0))
+            self.register_buffer("gcn_high", torch.tensor(1.0))
+
+    @staticmethod
+    def _contrast(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-image L1 global contrast normalisation (Deep SVDD's CIFAR-10 preprocessing):
+        -> (normalised, mean, contrast). Without it, pixel-space models rank busy, high-
+        contrast normal classes (cars, trucks) as more anomalous than the flat images of
+        other classes."""
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        centred = x - mean
+        contrast = centred.abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
+        return centred / contrast, mean, contrast
+
+    @torch.no_grad()
+    def fit_input_space(self, train_x: Tensor, batch_size: int = 1024) -> None:
+        """Fit the input scaling on the training normals before the first epoch (min-max of
+        the contrast-normalised pixels, as Deep SVDD); a no-op without contrast_norm."""
+        if not self.contrast_normalised:
+            return
+        low, high = float("inf"), float("-inf")
+        for i in range(0, len(train_x), batch_size):
+            g = self._contrast(train_x[i : i + batch_size])[0]
+            low, high = min(low, g.min().item()), max(high, g.max().item())
+        self.gcn_low.fill_(low)
+        self.gcn_high.fill_(high)
+
     def to_model_space(self, x: Tensor) -> Tensor:
         """Contract range -> the range the networks work in (tanh outputs for images)."""
-        return x * 2.0 - 1.0 if self.is_image else x
+        if not self.is_image:
+            return x
+        if self.contrast_normalised:
+            g = self._contrast(x)[0]
+            return (g - self.gcn_low) / (self.gcn_high - self.gcn_low) * 2.0 - 1.0
+        return x * 2.0 - 1.0
 
-    def from_model_space(self, x: Tensor) -> Tensor:
-        return (x + 1.0) * 0.5 if self.is_image else x
+    def from_model_space(self, y: Tensor, like: Tensor | None = None) -> Tensor:
+        """Model space -> contract range. With contrast normalisation the reconstruction
+        takes back the mean and contrast of `like` (its input); without an input (decoded
+        memory units) it is only rescaled for display."""
+        if not self.is_image:
+            return y
+        if not self.contrast_normalised or like is None:
+            return (y + 1.0) * 0.5
+        _, mean, contrast = self._contrast(like)
+        g = (y + 1.0) * 0.5 * (self.gcn_high - self.gcn_low) + self.gcn_low
+        return (g * contrast + mean).clamp(0.0, 1.0)
+
+    # -- scoring -------------------------------------------------------------------
 
     @abstractmethod
     def score(self, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -130,7 +130,7 @@ class EGBAD(AnomalyGAN):
             dis = nn.functional.softplus(-logit)
         else:
             dis = (f_real - self.ema_disc(x_rec, z)[1]).abs().sum(dim=1)
-        return (1.0 - w) * rec + w * dis, self.from_model_space(x_rec)
+        return (1.0 - w) * rec + w * dis, self.from_model_space(x_rec, x)
 
     def selection_metric(self, x: Tensor) -> Tensor:
         xm = self.to_model_space(x)

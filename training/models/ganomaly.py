@@ -87,7 +87,7 @@ class GANomaly(AnomalyGAN):
 
     def score(self, x: Tensor) -> tuple[Tensor, Tensor]:
         z, x_hat, z_hat = self._generate(self.to_model_space(x))
-        return (z - z_hat).pow(2).mean(dim=1), self.from_model_space(x_hat)
+        return (z - z_hat).pow(2).mean(dim=1), self.from_model_space(x_hat, x)
 
     def selection_metric(self, x: Tensor) -> Tensor:
         # The latent score's scale drifts between epochs; pixel error does not.

@@ -73,7 +73,7 @@ class MEMGAN(AnomalyGAN):
     def score(self, x: Tensor) -> tuple[Tensor, Tensor]:
         xm = self.to_model_space(x)
         x_rec = self.gen(self.project(self.enc(xm)[0]))
-        return (xm - x_rec).flatten(1).norm(dim=1), self.from_model_space(x_rec)
+        return (xm - x_rec).flatten(1).norm(dim=1), self.from_model_space(x_rec, x)
 
     @torch.no_grad()
     def visuals(self) -> dict[str, Tensor]:
