@@ -60,18 +60,23 @@ class LoadedModel:
     def threshold(self) -> float:
         return self.manifest.threshold.value
 
-    def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """One ONNX Runtime call on a batch. Thread-safe (ORT's Run is)."""
-        score, recon = self.session.run(
-            [SCORE_NAME, RECONSTRUCTION_NAME], {INPUT_NAME: np.ascontiguousarray(x, np.float32)}
-        )
-        return score.reshape(-1), recon
+    def run(
+        self, x: np.ndarray, reconstruction: bool = True
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """One ONNX Runtime call on a batch. Thread-safe (ORT's Run is). Without
+        `reconstruction` only the score is fetched: on a GPU the reconstructions are
+        nearly all the bytes copied back to the host, and most callers never ask for them."""
+        names = [SCORE_NAME, RECONSTRUCTION_NAME] if reconstruction else [SCORE_NAME]
+        outputs = self.session.run(names, {INPUT_NAME: np.ascontiguousarray(x, np.float32)})
+        return outputs[0].reshape(-1), outputs[1] if reconstruction else None
 
-    def run_observed(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def run_observed(
+        self, x: np.ndarray, reconstruction: bool = True
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         """`run` for a served batch: records its size and ONNX Runtime time, the same way
         in the embedded batcher and in a Redis worker."""
         started = time.perf_counter()
-        scores, recons = self.run(x)
+        scores, recons = self.run(x, reconstruction)
         metrics.INFERENCE_LATENCY.labels(self.ref.name, self.provider).observe(
             time.perf_counter() - started
         )

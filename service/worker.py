@@ -406,7 +406,8 @@ class Worker:
                 if len(chunk) == 1
                 else np.concatenate([j.request.x for j in chunk])
             )
-            scores, recons = model.run_observed(x)
+            wanted = any(j.request.want_reconstruction for j in chunk)
+            scores, recons = model.run_observed(x, wanted)
         except Exception as e:
             if len(chunk) == 1:
                 return [self._failed(model, chunk[0], e)]
@@ -421,7 +422,8 @@ class Worker:
         offset = 0
         for job in chunk:
             n = job.request.n
-            recon = recons[offset : offset + n] if job.request.want_reconstruction else None
+            wants = job.request.want_reconstruction and recons is not None
+            recon = recons[offset : offset + n] if wants else None
             body = encode_result(job.request.request_id, scores[offset : offset + n], recon)
             answers.append(Answer(job.entry, _envelope(job.request), body))
             offset += n

@@ -70,6 +70,30 @@ async def test_large_requests_split_and_merge_in_input_order(model_repo: ModelRe
         assert over8 == over8_0, "a batch held more than max_batch_size items"
 
 
+async def test_reconstructions_reach_only_the_requests_that_ask(model_repo: ModelRepo) -> None:
+    """Merged and split batches fetch reconstructions from ONNX Runtime only when some
+    request in them wants them, and each request gets back only what it asked for."""
+    async with serving(model_repo.root, max_batch_delay_ms=20, max_batch_size=8) as s:
+        model = s.registry.get(IMAGE_MODEL)
+        ref = ModelRef(IMAGE_MODEL, model.ref.version)
+        xs = [images(n, seed=30 + n) for n in (11, 2, 5)]
+        wants = [True, False, False]
+        deadline = time.time() + 30
+        scored = await asyncio.gather(
+            *(s.batcher.submit(ref, x, deadline, w) for x, w in zip(xs, wants, strict=True))
+        )
+        for x, want, got in zip(xs, wants, scored, strict=True):
+            expected_scores, expected_recons = model.run(x)
+            np.testing.assert_allclose(got.scores, expected_scores, rtol=1e-4)
+            if want:
+                np.testing.assert_allclose(got.reconstructions, expected_recons, atol=1e-5)
+            else:
+                assert got.reconstructions is None
+        alone = await s.batcher.submit(ref, xs[1], deadline, False)
+        assert alone.reconstructions is None
+        assert model.run(xs[1], reconstruction=False)[1] is None
+
+
 async def wait_for_queue(depth: float, timeout: float = 10.0) -> None:
     end = time.monotonic() + timeout
     while metric("gansentry_queue_depth", model=IMAGE_MODEL) < depth:

@@ -48,6 +48,7 @@ class _Request:
     future: asyncio.Future[Scored]
     arrival: float  # monotonic
     deadline: float  # monotonic
+    reconstruction: bool = True
     scores: np.ndarray | None = None
     recons: np.ndarray | None = None
     remaining: int = 0
@@ -139,7 +140,9 @@ class EmbeddedBatcher:
         remaining_s = deadline - time.time()
         if remaining_s <= 0:
             raise DeadlineExceeded("the request's deadline passed before it was queued")
-        request = _Request(x, loop.create_future(), now, now + remaining_s, remaining=n)
+        request = _Request(
+            x, loop.create_future(), now, now + remaining_s, reconstruction, remaining=n
+        )
         request.timer = loop.call_later(remaining_s, self._expire, q, request)
         q.chunks.append(_Chunk(request, 0, n))
         q.items += n
@@ -243,7 +246,10 @@ class EmbeddedBatcher:
                 x = batch[0].request.x
             else:
                 x = np.concatenate([c.request.x[c.start : c.start + c.count] for c in batch])
-            scores, recons = await loop.run_in_executor(self._executor, model.run_observed, x)
+            wanted = any(c.request.reconstruction for c in batch)
+            scores, recons = await loop.run_in_executor(
+                self._executor, model.run_observed, x, wanted
+            )
         except Exception as e:
             size = sum(c.count for c in batch)
             log.warning("batch of %d for %s failed (%s); retrying one by one", size, ref.key, e)
@@ -251,10 +257,9 @@ class EmbeddedBatcher:
             return
         offset = 0
         for chunk in batch:
-            _deliver(
-                chunk, scores[offset : offset + chunk.count], recons[offset : offset + chunk.count]
-            )
-            offset += chunk.count
+            end = offset + chunk.count
+            _deliver(chunk, scores[offset:end], None if recons is None else recons[offset:end])
+            offset = end
 
     def _retry_singly(self, model: LoadedModel, batch: list[_Chunk]) -> None:
         """Runs in the executor: find the poison input(s) and fail only their requests."""
@@ -265,7 +270,7 @@ class EmbeddedBatcher:
                 if request.future.done():
                     break
                 try:
-                    score, recon = model.run_observed(request.x[i : i + 1])
+                    score, recon = model.run_observed(request.x[i : i + 1], request.reconstruction)
                 except Exception as e:
                     metrics.WORKER_ERRORS.labels(model.ref.name, "inference").inc()
                     error = InferenceFailed(f"inputs[{i}]: ONNX Runtime failed on this input: {e}")
@@ -274,11 +279,13 @@ class EmbeddedBatcher:
                 loop.call_soon_threadsafe(_deliver, _Chunk(request, i, 1), score, recon)
 
 
-def _deliver(chunk: _Chunk, scores: np.ndarray, recons: np.ndarray) -> None:
+def _deliver(chunk: _Chunk, scores: np.ndarray, recons: np.ndarray | None) -> None:
     request = chunk.request
     if request.future.done():
         return
     n = len(request.x)
+    if not request.reconstruction:
+        recons = None
     if chunk.count == n:
         if request.timer is not None:
             request.timer.cancel()
@@ -286,10 +293,11 @@ def _deliver(chunk: _Chunk, scores: np.ndarray, recons: np.ndarray) -> None:
         return
     if request.scores is None:
         request.scores = np.empty(n, dtype=np.float32)
-        request.recons = np.empty((n, *recons.shape[1:]), dtype=np.float32)
-    assert request.recons is not None
+        if recons is not None:
+            request.recons = np.empty((n, *recons.shape[1:]), dtype=np.float32)
     request.scores[chunk.start : chunk.start + chunk.count] = scores
-    request.recons[chunk.start : chunk.start + chunk.count] = recons
+    if request.recons is not None and recons is not None:
+        request.recons[chunk.start : chunk.start + chunk.count] = recons
     request.remaining -= chunk.count
     if request.remaining == 0:
         if request.timer is not None:
