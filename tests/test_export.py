@@ -169,6 +169,36 @@ def test_memgan_images_report_memory_units_and_export(capsys, work, mnist_run):
     assert other["normal_classes"] == ["5"]
 
 
+def test_fitted_feature_score_with_contrast_norm_survives_export(capsys, work):
+    """The CIFAR-10 recipe: its input scaling is fitted before training and its score after
+    checkpoint selection; both must reach the checkpoint, the ONNX graph and the manifest's
+    metrics."""
+    import torch
+
+    run = work / "runs" / "gcn"
+    cli(
+        capsys,
+        *["train", "--model", "ganomaly", "--dataset", "mnist", "--normal-class", "3"],
+        *["--data-root", work / "data", "--image-size", "16", "--epochs", "1", "--out", run],
+        *["--no-progress", "--hparam", "width=8", "--hparam", "latent_dim=8"],
+        *["--hparam", "contrast_norm=true", "--hparam", "score_method=feature-mahalanobis"],
+    )
+    state = torch.load(run / "checkpoints" / "selected.pt", weights_only=True)["model"]
+    assert state["gcn_high"] > state["gcn_low"]
+    assert not torch.equal(state["feature_whitening"], torch.eye(len(state["feature_mean"])))
+    assert state["stats_mean"].shape == (2,)  # one channel mean, then the log contrast
+
+    out = cli(capsys, "export", run, "--models-dir", work / "models", "--name", "mnist-gcn")
+    path = Path(out.strip())
+    pt, ox = torch_and_onnx_scores(run, path / MODEL_FILE)
+    assert np.max(np.abs(pt - ox)) <= 1e-4 * np.max(np.abs(pt))
+    run_eval = cli_json(capsys, "evaluate", run, "--report-dir", work / "r5")
+    model_eval = cli_json(
+        capsys, "evaluate", path, "--data-root", work / "data", "--report-dir", work / "r6"
+    )
+    assert model_eval["metrics"]["auroc"] == pytest.approx(run_eval["metrics"]["auroc"], abs=1e-4)
+
+
 def test_unfinished_run_is_refused(capsys, work, kdd_run):
     partial = work / "runs" / "partial"
     partial.mkdir(parents=True)

@@ -139,3 +139,30 @@ def test_contrast_normalisation_is_off_by_default():
     assert "gcn_low" not in dict(
         build_model("ganomaly", IMAGE, **small("ganomaly", IMAGE)).named_buffers()
     )
+
+
+def test_ganomaly_feature_mahalanobis_score_is_fitted_on_normals_and_exported(tmp_path):
+    torch.manual_seed(0)
+    model = build_model(
+        "ganomaly", RGB28, score_method="feature-mahalanobis", **small("ganomaly", RGB28)
+    )
+    g = torch.Generator().manual_seed(3)
+    normal = 0.5 + 0.05 * torch.randn(64, *RGB28.shape, generator=g)
+    model.training_step(normal[:16])
+    model.eval()
+    model.fit_score(normal)
+    with torch.no_grad():
+        feats = model.enc1(model.to_model_space(normal))[1]
+        torch.testing.assert_close(model.feature_mean, feats.mean(dim=0), rtol=1e-4, atol=1e-5)
+        # Whitened training features have unit variance along the well-populated directions.
+        whitened = (feats - model.feature_mean) @ model.feature_whitening
+        assert whitened.var(dim=0).max().item() <= 1.0 + 1e-3
+        normal_scores, _ = model.score(normal[:8])
+        odd_scores, _ = model.score(torch.rand(8, *RGB28.shape, generator=g))
+    assert odd_scores.min() > normal_scores.max()
+    assert export_onnx(model.scorer(), normal[:5], tmp_path / "m.onnx") <= 1e-4
+
+
+def test_unknown_score_method_is_refused():
+    with pytest.raises(ValueError, match="score_method"):
+        build_model("ganomaly", IMAGE, score_method="typo", **small("ganomaly", IMAGE))

@@ -348,10 +348,14 @@ def _finish(
     peak: float,
     device: torch.device,
 ) -> Path:
-    """Load the selected weights, calibrate the threshold on validation normals, and
+    """Load the selected weights, fit the score on the training normals (if it needs it),
+    calibrate the threshold on validation normals, and
     write run.json (whose presence marks the run finished)."""
     selected = load_checkpoint(out / CHECKPOINT_DIR / SELECTED_CHECKPOINT, str(device))
     model.load_state_dict(selected["model"])
+    model.fit_score(torch.as_tensor(splits.train, dtype=torch.float32, device=device))
+    selected["model"] = model.state_dict()
+    save_checkpoint(out / CHECKPOINT_DIR / SELECTED_CHECKPOINT, selected)
     scores, _ = score_array(model, splits.val)
     q = cfg.threshold_quantile
     threshold = Threshold(

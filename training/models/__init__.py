@@ -31,6 +31,8 @@ _DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
         "w_adv": 1.0,
         "w_con": 50.0,
         "w_enc": 1.0,
+        "score_method": "latent",
+        "feature_shrinkage": 1e-3,
     },
     # KDD: 5 epochs instead of the paper's 15. Per-epoch top-20% F1 (seeds 0/1/2) moves
     # through three regimes: one attack mode not yet reconstructed (F1 ~0.72, val L1
@@ -48,6 +50,8 @@ _DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
         "w_adv": 1.0,
         "w_con": 50.0,
         "w_enc": 1.0,
+        "score_method": "latent",
+        "feature_shrinkage": 1e-3,
     },
     # MNIST digit 0 (one-class-normal, 32 px, seed 0): AUROC 0.89 with D at a tenth of the
     # lr (D loss stays near 1.3), 0.07 at d_lr_scale 1 (D wins, reconstructions collapse).

@@ -90,6 +90,13 @@ class AnomalyGAN(nn.Module, ABC):
         contrast = centred.abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
         return centred / contrast, mean, contrast
 
+    @staticmethod
+    def image_statistics(x: Tensor) -> Tensor:
+        """What contrast normalisation takes away from the networks' view: each channel's
+        mean and the log of the image's contrast, [N, C + 1]."""
+        _, _, contrast = AnomalyGAN._contrast(x)
+        return torch.cat([x.mean(dim=(2, 3)), contrast.flatten(1).log()], dim=1)
+
     @torch.no_grad()
     def fit_input_space(self, train_x: Tensor, batch_size: int = 1024) -> None:
         """Fit the input scaling on the training normals before the first epoch (min-max of
@@ -130,6 +137,10 @@ class AnomalyGAN(nn.Module, ABC):
     def score(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x in the contract range -> (score [N] float32, higher = more anomalous;
         reconstruction with x's shape and range). Call in eval mode."""
+
+    def fit_score(self, train_x: Tensor) -> None:
+        """Fit whatever the score needs from the training normals, once the checkpoint is
+        chosen and before the threshold is calibrated. Most scores need nothing."""
 
     def selection_metric(self, x: Tensor) -> Tensor:
         """Per-sample label-free quantity on validation normals; the epoch with the lowest

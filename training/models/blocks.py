@@ -65,6 +65,7 @@ class ConvEncoder(nn.Module):
             w *= 2
         self.features = nn.Sequential(*layers)
         self.head = nn.Conv2d(w, out_dim, final, 1, 0, bias=False)
+        self.feature_dim = w * final * final
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         f = self.features(x)
@@ -117,6 +118,7 @@ class MlpEncoder(nn.Module):
         super().__init__()
         self.features = mlp(sizes[:-1], dropout=dropout, last_act=True)
         self.head = nn.Linear(sizes[-2], sizes[-1])
+        self.feature_dim = sizes[-2]
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         f = self.features(x)

@@ -19,6 +19,7 @@ from training.models.blocks import (
 )
 
 D_COLLAPSE = 1e-5
+SCORE_METHODS = ("latent", "feature-mahalanobis")
 
 
 class GANomaly(AnomalyGAN):
@@ -27,6 +28,11 @@ class GANomaly(AnomalyGAN):
 
     def __init__(self, spec: InputSpec, **hparams: Any):
         super().__init__(spec, hparams)
+        method = hparams.get("score_method", "latent")
+        if method not in SCORE_METHODS:
+            raise ValueError(
+                f"score_method must be one of {', '.join(SCORE_METHODS)}, got {method!r}"
+            )
         nz = hparams["latent_dim"]
         if self.is_image:
             c, side, w = spec.channels, image_side(spec), hparams["width"]
@@ -42,6 +48,13 @@ class GANomaly(AnomalyGAN):
             self.disc = MlpEncoder([f, *hparams["disc_hidden"], 1])
         init_weights(self)
         self.register_buffer("d_reinits", torch.zeros((), dtype=torch.long))
+        if method == "feature-mahalanobis":
+            dim = self.enc1.feature_dim
+            self.register_buffer("feature_mean", torch.zeros(dim))
+            self.register_buffer("feature_whitening", torch.eye(dim))
+            if self.contrast_normalised:
+                self.register_buffer("stats_mean", torch.zeros(spec.channels + 1))
+                self.register_buffer("stats_whitening", torch.eye(spec.channels + 1))
 
     def _make_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         gen = [*self.enc1.parameters(), *self.dec.parameters(), *self.enc2.parameters()]
@@ -85,11 +98,58 @@ class GANomaly(AnomalyGAN):
             "enc": l_enc.item(),
         }
 
+    @property
+    def feature_scored(self) -> bool:
+        return self.hparams.get("score_method", "latent") == "feature-mahalanobis"
+
+    @torch.no_grad()
+    def fit_score(self, train_x: Tensor, batch_size: int = 512) -> None:
+        """feature-mahalanobis: a Gaussian on the encoder's last hidden layer over the
+        training normals. With contrast normalisation, a second small Gaussian on the image
+        statistics it removed (channel means, log contrast), so exposure and colour cast
+        still count, weighted like the features rather than drowned by their dimensions."""
+        if not self.feature_scored:
+            return
+        was_training = self.training
+        self.eval()
+        feats = torch.cat(
+            [
+                self.enc1(self.to_model_space(train_x[i : i + batch_size]))[1]
+                for i in range(0, len(train_x), batch_size)
+            ]
+        )
+        self.train(was_training)
+        shrinkage = self.hparams["feature_shrinkage"]
+        _fit_gaussian(feats, shrinkage, self.feature_mean, self.feature_whitening)
+        if self.contrast_normalised:
+            stats = self.image_statistics(train_x)
+            _fit_gaussian(stats, shrinkage, self.stats_mean, self.stats_whitening)
+
     def score(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        z, x_hat, z_hat = self._generate(self.to_model_space(x))
-        return (z - z_hat).pow(2).mean(dim=1), self.from_model_space(x_hat, x)
+        z, features = self.enc1(self.to_model_space(x))
+        x_hat = self.dec(z)
+        recon = self.from_model_space(x_hat, x)
+        if self.feature_scored:
+            d = (features - self.feature_mean) @ self.feature_whitening
+            score = d.pow(2).mean(dim=1)
+            if self.contrast_normalised:
+                s = (self.image_statistics(x) - self.stats_mean) @ self.stats_whitening
+                score = score + s.pow(2).mean(dim=1)
+            return score, recon
+        return (z - self.enc2(x_hat)[0]).pow(2).mean(dim=1), recon
 
     def selection_metric(self, x: Tensor) -> Tensor:
         # The latent score's scale drifts between epochs; pixel error does not.
         _, x_hat, _ = self._generate(self.to_model_space(x))
         return (self.to_model_space(x) - x_hat).abs().flatten(1).mean(dim=1)
+
+
+def _fit_gaussian(samples: Tensor, shrinkage: float, mean: Tensor, whitening: Tensor) -> None:
+    """Fill `mean` and `whitening` (W with W^T cov W = I) in place. The covariance is shrunk
+    towards its mean variance, so directions the normals never vary in do not dominate."""
+    x = samples.double()
+    mu = x.mean(dim=0)
+    eigvals, eigvecs = torch.linalg.eigh(torch.cov((x - mu).t()))
+    eigvals = eigvals.clamp_min(0)
+    mean.copy_(mu.float())
+    whitening.copy_((eigvecs / (eigvals + shrinkage * eigvals.mean()).sqrt()).float())
