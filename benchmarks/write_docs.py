@@ -4,6 +4,9 @@ comes from a command in this folder:
     python benchmarks/train_benchmark.py --plan kdd --seeds 0 1 2       # -> results/train.jsonl
     python benchmarks/train_benchmark.py --plan mnist                     # (all models)
     python benchmarks/train_benchmark.py --plan cifar10 --models ganomaly iforest ocsvm
+    python benchmarks/train_benchmark.py --plan cifar10 --hparam contrast_norm=true
+    python benchmarks/train_benchmark.py --plan cifar10 --models ganomaly \
+        --hparam contrast_norm=true --hparam score_method=feature-mahalanobis
     python benchmarks/serve_benchmark.py                                  # paper-sized GANomaly
     python benchmarks/serve_benchmark.py --model mnist-ganomaly           # a shipped model
     python benchmarks/redis_benchmark.py --duration 6 --rounds 3          # -> results/redis.json
