@@ -190,9 +190,9 @@ def plan_jobs(args: argparse.Namespace) -> list[dict]:
 
 def run_plan(args: argparse.Namespace) -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    done = done_keys()
     for job in plan_jobs(args):
-        if job["key"] in done:
+        # Read afresh before each job, so several invocations can share one plan.
+        if job["key"] in done_keys():
             print(f"skip {job['key']} (in {RESULTS.name})", flush=True)
             continue
         print(f"run  {job['key']}", flush=True)
