@@ -353,9 +353,9 @@ def _finish(
     write run.json (whose presence marks the run finished)."""
     selected = load_checkpoint(out / CHECKPOINT_DIR / SELECTED_CHECKPOINT, str(device))
     model.load_state_dict(selected["model"])
-    model.fit_score(torch.as_tensor(splits.train, dtype=torch.float32, device=device))
-    selected["model"] = model.state_dict()
-    save_checkpoint(out / CHECKPOINT_DIR / SELECTED_CHECKPOINT, selected)
+    if model.fit_score(torch.as_tensor(splits.train, dtype=torch.float32, device=device)):
+        selected["model"] = model.state_dict()
+        save_checkpoint(out / CHECKPOINT_DIR / SELECTED_CHECKPOINT, selected)
     scores, _ = score_array(model, splits.val)
     q = cfg.threshold_quantile
     threshold = Threshold(

@@ -138,9 +138,11 @@ class AnomalyGAN(nn.Module, ABC):
         """x in the contract range -> (score [N] float32, higher = more anomalous;
         reconstruction with x's shape and range). Call in eval mode."""
 
-    def fit_score(self, train_x: Tensor) -> None:
+    def fit_score(self, train_x: Tensor) -> bool:
         """Fit whatever the score needs from the training normals, once the checkpoint is
-        chosen and before the threshold is calibrated. Most scores need nothing."""
+        chosen and before the threshold is calibrated; True if anything was fitted. Most
+        scores need nothing."""
+        return False
 
     def selection_metric(self, x: Tensor) -> Tensor:
         """Per-sample label-free quantity on validation normals; the epoch with the lowest

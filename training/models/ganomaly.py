@@ -28,7 +28,7 @@ class GANomaly(AnomalyGAN):
 
     def __init__(self, spec: InputSpec, **hparams: Any):
         super().__init__(spec, hparams)
-        method = hparams.get("score_method", "latent")
+        method = hparams["score_method"]
         if method not in SCORE_METHODS:
             raise ValueError(
                 f"score_method must be one of {', '.join(SCORE_METHODS)}, got {method!r}"
@@ -100,16 +100,16 @@ class GANomaly(AnomalyGAN):
 
     @property
     def feature_scored(self) -> bool:
-        return self.hparams.get("score_method", "latent") == "feature-mahalanobis"
+        return self.hparams["score_method"] == "feature-mahalanobis"
 
     @torch.no_grad()
-    def fit_score(self, train_x: Tensor, batch_size: int = 512) -> None:
+    def fit_score(self, train_x: Tensor, batch_size: int = 512) -> bool:
         """feature-mahalanobis: a Gaussian on the encoder's last hidden layer over the
         training normals. With contrast normalisation, a second small Gaussian on the image
         statistics it removed (channel means, log contrast), so exposure and colour cast
         still count, weighted like the features rather than drowned by their dimensions."""
         if not self.feature_scored:
-            return
+            return False
         was_training = self.training
         self.eval()
         feats = torch.cat(
@@ -124,6 +124,7 @@ class GANomaly(AnomalyGAN):
         if self.contrast_normalised:
             stats = self.image_statistics(train_x)
             _fit_gaussian(stats, shrinkage, self.stats_mean, self.stats_whitening)
+        return True
 
     def score(self, x: Tensor) -> tuple[Tensor, Tensor]:
         z, features = self.enc1(self.to_model_space(x))
