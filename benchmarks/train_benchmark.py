@@ -300,16 +300,21 @@ def report() -> str:
     out += [
         "### Training time and peak memory",
         "",
-        "| dataset | model | jobs | train seconds (mean) | peak RSS MB (max) |",
-        "|---|---|---|---|---|",
+        "Jobs that shared the cores with others ran slower (see the notes above), so the "
+        "range matters as much as the median.",
+        "",
+        "| dataset | model | jobs | train seconds (median) | train seconds (min-max) | "
+        "peak RSS MB (max) |",
+        "|---|---|---|---|---|---|",
     ]
     for dataset in ("mnist", "cifar10", "kddcup99"):
         for model in models:
             sel = [r for r in rows if r["dataset"] == dataset and label(r) == model]
             if sel:
+                secs = [r["train_seconds"] for r in sel]
                 out.append(
-                    f"| {dataset} | {model} | {len(sel)} | "
-                    f"{np.mean([r['train_seconds'] for r in sel]):.0f} | "
+                    f"| {dataset} | {model} | {len(sel)} | {np.median(secs):.0f} | "
+                    f"{min(secs):.0f}-{max(secs):.0f} | "
                     f"{max(r['peak_memory_mb'] for r in sel):.0f} |"
                 )
     return "\n".join(out) + "\n"
