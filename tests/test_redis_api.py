@@ -302,6 +302,11 @@ async def test_redis_restart_under_load(solo: Cluster):
     # on reconnect) requests succeed again, and keep succeeding to the end of the run.
     after = sorted((t, s) for t, s, _ in results if t > restarted_at[0])
     last_failure = max((t for t, s in after if s != 200), default=restarted_at[0])
+    # Shown on failure in full (pytest shortens the assertion message): why requests
+    # still failed after the restart.
+    print("failures after the restart:", [d for d in details if d[0] > restarted_at[0]][-5:])
+    for log in (solo.api.log, *(w.log for w in solo.workers)):
+        print(f"{log.name} tail:", log.read_text()[-2000:] if log.exists() else "")
     assert last_failure - restarted_at[0] < 6.0, (restarted_at, details)
     settled = [s for t, s in after if t > last_failure]
     assert len(settled) >= 10, (restarted_at, last_failure, details)
