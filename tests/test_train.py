@@ -142,6 +142,32 @@ def test_selection_and_threshold_ignore_test_labels(tmp_path):
     assert a.threshold == b.threshold
 
 
+def test_epoch_hook_sees_every_epoch_and_leaves_training_alone(tmp_path):
+    """benchmarks/epoch_trace.py scores the model after every epoch; doing so must not
+    change what the run trains or selects."""
+    common = dict(model="egbad", hparams=dict(TINY_BIGAN_TAB), dataset="x", epochs=3)
+    seen: list[tuple[dict, bool, np.ndarray]] = []
+
+    def hook(row, model):
+        scorer = model.scorer().model  # a fresh copy: draws initial weights
+        np.random.rand(3)
+        seen.append((row, model.training, score_array(scorer, tabular_splits().test)[0]))
+
+    plain = train(cfg(tmp_path, "plain", **common), tabular_splits(), progress=False)
+    hooked = train(
+        cfg(tmp_path, "hooked", **common), tabular_splits(), progress=False, on_epoch=hook
+    )
+    a, ia = load_run(plain)
+    b, ib = load_run(hooked)
+    assert [r["epoch"] for r, _, _ in seen] == [1, 2, 3]
+    assert [r for r, _, _ in seen] == ib.history
+    assert not any(training for _, training, _ in seen)
+    assert not np.array_equal(seen[0][2], seen[-1][2])  # the model moved between epochs
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert ka == kb and torch.equal(va, vb), ka
+    assert ia.selected_epoch == ib.selected_epoch
+
+
 @pytest.mark.parametrize(
     "arch,splits,hparams",
     [

@@ -9,6 +9,7 @@ import random
 import resource
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -237,8 +238,19 @@ def _run_epoch(
     return {f"loss_{k}": v / steps for k, v in sums.items()}
 
 
-def train(cfg: TrainConfig, splits: Splits | None = None, progress: bool = True) -> Path:
-    """Train (or resume) the run in `cfg.out` and return the run directory."""
+EpochHook = Callable[[dict[str, Any], AnomalyGAN], None]
+
+
+def train(
+    cfg: TrainConfig,
+    splits: Splits | None = None,
+    progress: bool = True,
+    on_epoch: EpochHook | None = None,
+) -> Path:
+    """Train (or resume) the run in `cfg.out` and return the run directory. `on_epoch(row,
+    model)` runs after each epoch's checkpoint with that epoch's history row and the model
+    in eval mode, so diagnostics (`benchmarks/epoch_trace.py`) can look at every epoch,
+    not only the selected one."""
     from training.models import ARCHITECTURES
 
     if cfg.model not in ARCHITECTURES:
@@ -264,7 +276,7 @@ def train(cfg: TrainConfig, splits: Splits | None = None, progress: bool = True)
         # shared machine costs more than the maths.
         torch.set_num_threads(1)
     try:
-        return _train(cfg, splits, out, config, device, h, resuming, progress)
+        return _train(cfg, splits, out, config, device, h, resuming, progress, on_epoch)
     finally:
         torch.set_num_threads(threads)
 
@@ -278,6 +290,7 @@ def _train(
     h: dict[str, Any],
     resuming: bool,
     progress: bool,
+    on_epoch: EpochHook | None = None,
 ) -> Path:
     seed_everything(cfg.seed)
     model = build_model(cfg.model, splits.input_spec, **h).to(device)
@@ -331,6 +344,15 @@ def _train(
         if progress:
             shown = {k: f"{v:.4g}" for k, v in row.items() if k != "epoch"}
             tqdm.write(f"{cfg.model} epoch {epoch}/{epochs}: {shown}")
+        if on_epoch is not None:
+            # Random draws inside the hook (building a scoring copy initialises weights)
+            # must not shift the training run's random streams.
+            rng = _rng_state()
+            model.eval()
+            with torch.no_grad():
+                on_epoch(row, model)
+            model.train()
+            _set_rng_state(rng)
 
     return _finish(out, cfg, config, splits, model, h, history, best, seconds, peak, device)
 
