@@ -11,6 +11,7 @@ fails every waiting request with 503 instead of leaving each to find out alone."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -48,6 +49,8 @@ from service.redis_protocol import (
 )
 
 if TYPE_CHECKING:
+    from redis.asyncio.connection import AbstractConnection
+
     from service.registry import Registry
     from service.settings import Settings
 
@@ -66,10 +69,23 @@ def redis_location(url: str) -> str:
     return f"{parts.hostname or 'localhost'}:{parts.port or 6379}{parts.path or ''}"
 
 
+class _RestartAwarePool(aioredis.BlockingConnectionPool):
+    """A Redis restart kills every pooled connection, but each idle one only finds out on
+    its next use, which can be long after Redis is back, when a burst reaches deep into
+    the pool (measured: 19 of 20 concurrent commands failed after one restart). So a
+    connection that comes back broken takes the idle ones with it: they reconnect on use."""
+
+    async def release(self, connection: AbstractConnection) -> None:
+        await super().release(connection)
+        if not connection.is_connected:
+            with contextlib.suppress(*CONNECTION_ERRORS):
+                await self.disconnect(inuse_connections=False)
+
+
 def connect(url: str, max_connections: int) -> aioredis.Redis:
     """A client that never retries by itself: a request must not sit in a hidden retry
     loop while Redis is down. Callers retry where it is safe (see `_enqueue_once_more`)."""
-    pool = aioredis.BlockingConnectionPool.from_url(
+    pool = _RestartAwarePool.from_url(
         url,
         max_connections=max_connections,
         timeout=2.0,
