@@ -89,14 +89,10 @@ _DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     #   to 0.91 by epoch 8 as reconstructions generalise to anomalies. w_rec 1: 0.73 (modes
     #   dropped again); w_rec 50: 0.92 (seed 0); D at full lr with w_rec 10: 0.00.
     #   Benchmark: 0.921/0.949/0.937 (AUROC 0.991/0.994/0.988): stable, just short of 0.94.
-    # - Tried since, per-epoch F1 on seeds 0/1/2, none better on average (validation
-    #   selection in brackets): lr 5e-5 over 8 epochs, seeds 0 and 2 at 0.946-0.951 from
-    #   epoch 4 but seed 1 drops an attack mode for most epochs (0.947/0.910/0.947); the
-    #   same with w_rec 30 over 7 epochs (0.938/0.912/0.925); w_rec 30 at lr 1e-4 (seed 0,
-    #   0.913-0.936); a longer EMA (warm-up (1+n)/(3+n): seed 0 0.74-0.91). Re-scoring the
-    #   same checkpoints did not beat plain L1 either: per-feature residual scaling or a
-    #   Gaussian on residuals (0.86-0.90), both terms standardised on normals (better at
-    #   epochs 1-2, worse from 4: 0.910/0.921/0.871 vs 0.901/0.937/0.935 at epoch 4).
+    # - Tried since (`benchmarks/epoch_trace.py`, docs/benchmarks.md "Per-epoch traces"),
+    #   none better on average: lr 5e-5 over 8 epochs keeps seeds 0 and 2 at 0.943-0.951
+    #   from epoch 4, but seed 1 drops an attack mode for most epochs; selection gives
+    #   0.947/0.910/0.947. Adding w_rec 30 steadies seed 1 and lowers the others (see there).
     ("egbad", "tabular"): {
         **_ADAM,
         "lr": 1e-4,
