@@ -93,7 +93,7 @@ _DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     #   none better on average: lr 5e-5 over 8 epochs keeps seeds 0 and 2 at 0.943-0.951
     #   from epoch 4, but seed 1 drops an attack mode for most epochs; selection gives
     #   0.947/0.910/0.947. Adding w_rec 30 (7 epochs) keeps every epoch of every seed
-    #   between 0.88 and 0.94 but selects 0.938/0.912/0.925.
+    #   between 0.87 and 0.94 but selects 0.938/0.912/0.925.
     ("egbad", "tabular"): {
         **_ADAM,
         "lr": 1e-4,
