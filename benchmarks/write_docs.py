@@ -1,7 +1,7 @@
 """Render docs/benchmarks.md from the benchmarks' results files, so every number in it
 comes from a command in this folder:
 
-    python benchmarks/train_benchmark.py --plan kdd --seeds 0 1 2       # -> results/train.jsonl
+    python benchmarks/train_benchmark.py --plan kdd --seeds 0 1 2 3 4   # -> results/train.jsonl
     python benchmarks/train_benchmark.py --plan mnist                     # (all models)
     python benchmarks/train_benchmark.py --plan mnist --seeds 1 --models ganomaly iforest ocsvm
     python benchmarks/train_benchmark.py --plan cifar10 --models ganomaly iforest ocsvm
@@ -15,6 +15,7 @@ comes from a command in this folder:
     python benchmarks/serve_benchmark.py                                  # paper-sized GANomaly
     python benchmarks/serve_benchmark.py --model mnist-ganomaly           # a shipped model
     python benchmarks/redis_benchmark.py --duration 6 --rounds 3          # -> results/redis.json
+    make reports                              # -> docs/reports/*/metrics.json (errors by class)
     python benchmarks/write_docs.py                                       # -> docs/benchmarks.md"""
 
 from __future__ import annotations
@@ -34,6 +35,51 @@ import train_benchmark  # noqa: E402
 RESULTS = HERE / "results"
 DOC = HERE.parent / "docs" / "benchmarks.md"
 NOTES = HERE / "notes.md"
+REPORTS = HERE.parent / "docs" / "reports"
+
+
+def class_errors() -> str:
+    """Errors by test class of the shipped kdd-dagmm models at the top-20% rule, from the
+    `gansentry evaluate` reports that `make reports` writes: which attack types rank among
+    the "normal." traffic, and how much of it is missed."""
+    reports = {}
+    for path in sorted(REPORTS.glob("kdd-*/metrics.json")):
+        result = json.loads(path.read_text())
+        if result.get("per_class") and result["metrics"].get("top20_f1") is not None:
+            reports[path.parent.name] = result
+    if not reports:
+        return ""
+    names = list(reports)
+    rows: dict[tuple[bool, str], dict] = {}
+    for name, result in reports.items():
+        for r in result["per_class"]:
+            row = rows.setdefault((r["anomalous"], r["class"]), {"n": r["n"], "errors": {}})
+            row["errors"][name] = r["errors"]["top20"]
+    shown = sorted(
+        (k for k, v in rows.items() if any(v["errors"].values())),
+        key=lambda k: (k[0], -max(rows[k]["errors"].values()), k[1]),
+    )
+    out = [
+        "## Where the kdd-dagmm errors are",
+        "",
+        "The shipped KDD models' errors at the top-20% rule, by the test record's original "
+        "class (from `make reports`, i.e. `gansentry evaluate models/NAME/1`; the pictures are "
+        "`docs/reports/NAME/per_class_errors.png`). Attack types are the training class, so an "
+        "error there is an attack flagged as anomalous; an error on `normal` is normal traffic "
+        "missed. Rare attack types with few training records carry most of the errors for all "
+        "three architectures.",
+        "",
+        "| test class | n | " + " | ".join(f"`{n}`" for n in names) + " |",
+        "|---|---|" + "---|" * len(names),
+    ]
+    for anomalous, cls in shown:
+        row = rows[anomalous, cls]
+        kind = "anomalous, missed" if anomalous else "attack, flagged"
+        cells = " | ".join(str(row["errors"].get(n, "-")) for n in names)
+        out.append(f"| {cls} ({kind}) | {row['n']} | {cells} |")
+    f1 = " | ".join(f"{reports[n]['metrics']['top20_f1']:.3f}" for n in names)
+    out.append(f"| **top-20% F1** | | {f1} |")
+    return "\n".join(out) + "\n"
 
 
 def main() -> None:
@@ -45,6 +91,9 @@ def main() -> None:
         parts.append(train_benchmark.report())
     if epoch_trace.RESULTS.exists():
         parts.append(epoch_trace.markdown())
+    errors = class_errors()
+    if errors:
+        parts.append(errors)
     serving = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("serve-*.json"))]
     if serving:
         parts.append(serve_benchmark.markdown_all(serving))

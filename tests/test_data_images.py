@@ -60,6 +60,7 @@ def test_mnist_pixels_and_labels_are_read_exactly(tmp_path):
     s = load_splits("mnist", normal_class="0", root=root)
     np.testing.assert_array_equal(s.test[:, 0], raw.astype(np.float32) / 255.0)
     np.testing.assert_array_equal(s.test_labels, (labels != 0).astype(np.int64))
+    assert list(s.test_classes) == [str(d) for d in labels]
 
 
 def test_image_size_resizes_through_the_service_path(tmp_path):
@@ -88,6 +89,8 @@ def test_one_class_anomalous_pools_train_and_test(tmp_path):
     assert s.anomalous_classes == ["2"]
     assert (len(s.train), len(s.val), len(s.test)) == (194, 22, 84)
     assert s.test_labels.sum() == 30 and (s.test_labels == 0).sum() == 54
+    assert set(s.test_classes[s.test_labels == 1]) == {"2"}
+    assert "2" not in set(s.test_classes[s.test_labels == 0])
     _assert_disjoint(s)
     same = load_splits("mnist", "one-class-anomalous", anomalous_class="2", root=root)
     np.testing.assert_array_equal(same.train, s.train)

@@ -64,6 +64,8 @@ def test_kdd_dagmm_protocol(tmp_path, gz):
     train, val, test = ([where[h] for h in _hashes(x)] for x in (s.train, s.val, s.test))
     assert not labels[train].any() and not labels[val].any()
     np.testing.assert_array_equal(s.test_labels, labels[test].astype(np.int64))
+    # Each test record keeps its attack type (the label without the trailing dot).
+    assert list(s.test_classes) == [rows[i][-1].rstrip(".") for i in test]
     assert s.test_labels.mean() == pytest.approx(0.2, abs=1e-9)
     assert not set(train) & set(val) and not set(train) & set(test) and not set(val) & set(test)
     # The reference 50/50 split (scikit-learn, seed 42): train + val are exactly the

@@ -87,8 +87,17 @@ def test_kdd_train_evaluate_export_twice(capsys, work, kdd_run):
     for key in ("auroc", "auprc", "precision", "recall", "f1", "top20_f1"):
         assert 0.0 <= m[key] <= 1.0
     names = {Path(f).name for f in run_eval["files"]}
-    pictures = {"roc.png", "score_histogram.png", "reconstructions.png"}
+    pictures = {"roc.png", "score_histogram.png", "reconstructions.png", "per_class_errors.png"}
     assert names == pictures | {"scores.csv"}
+    # The per-class breakdown adds up to the protocol's confusion counts.
+    rows = run_eval["per_class"]
+    assert {r["class"] for r in rows if r["anomalous"]} == {"normal"}
+    n_anom = round(m["anomaly_fraction"] * m["n_test"])
+    flagged = sum(round(r["flagged"]["top20"] * r["n"]) for r in rows)
+    assert flagged == round(m["top20_flagged_fraction"] * m["n_test"])
+    tp = round(m["top20_recall"] * n_anom)
+    assert sum(r["errors"]["top20"] for r in rows if not r["anomalous"]) == flagged - tp
+    assert sum(r["errors"]["top20"] for r in rows if r["anomalous"]) == n_anom - tp
     assert all((report / n).stat().st_size > 1000 for n in pictures)
     assert len((report / "scores.csv").read_text().splitlines()) == 1 + m["n_test"]
     assert json.loads((report / "metrics.json").read_text())["metrics"] == m

@@ -7,7 +7,13 @@ from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
 from training import report
 from training.evaluate import write_report
-from training.metrics import at_threshold, evaluate_scores, ranking, top_fraction_threshold
+from training.metrics import (
+    at_threshold,
+    evaluate_scores,
+    per_class,
+    ranking,
+    top_fraction_threshold,
+)
 
 # Positives 0.35, 0.8, 0.9; negatives 0.1, 0.4. Pairs ranked right: 5 of 6.
 # Ranked by score: + + - + -, so average precision = (1 + 1 + 3/4) / 3.
@@ -62,6 +68,26 @@ def test_matches_scikit_learn_on_random_scores():
     assert m["f1"] == pytest.approx(f1_score(labels, scores > thr), abs=1e-12)
     top = scores >= np.percentile(scores, 80)
     assert m["top20_f1"] == pytest.approx(f1_score(labels, top), abs=1e-12)
+
+
+def test_per_class_by_hand():
+    # Threshold 0.5 flags 0.6 and 0.9; the top-20% rule (80th percentile 0.66) flags 0.9.
+    scores = np.array([0.1, 0.6, 0.2, 0.3, 0.9])
+    labels = np.array([0, 0, 0, 1, 1])
+    classes = np.array(["a", "a", "b", "x", "x"])
+    m = evaluate_scores(scores, labels, 0.5, "kdd-dagmm")
+    rows = {(r["class"], r["anomalous"]): r for r in per_class(scores, labels, classes, m)}
+    assert list(rows) == [("a", False), ("b", False), ("x", True)]
+    assert rows["a", False]["errors"] == {"threshold": 1, "top20": 0}
+    assert rows["a", False]["flagged"] == {"threshold": 0.5, "top20": 0.0}
+    assert rows["b", False]["errors"] == {"threshold": 0, "top20": 0}
+    assert rows["x", True]["errors"] == {"threshold": 1, "top20": 1}
+    assert rows["x", True]["median_score"] == pytest.approx(0.6)
+    # Without the kdd-dagmm protocol only the calibrated threshold is broken down.
+    plain = per_class(scores, labels, classes, evaluate_scores(scores, labels, 0.5, None))
+    assert all(set(r["errors"]) == {"threshold"} for r in plain)
+    with pytest.raises(ValueError, match="4 test classes but 5 labels"):
+        per_class(scores, labels, classes[:4], m)
 
 
 def test_one_class_test_set_has_no_auroc():

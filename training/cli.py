@@ -204,6 +204,15 @@ def run_evaluate(args: argparse.Namespace) -> int:
     for key, value in result.metrics.items():
         shown = "n/a" if value is None else f"{value:.0f}" if key == "n_test" else f"{value:.4f}"
         print(f"  {key:24s} {shown}")
+    worst = sorted(result.per_class, key=lambda r: -max(r["errors"].values()))
+    worst = [r for r in worst if max(r["errors"].values()) > 0][:10]
+    if worst:
+        rules = " / ".join(worst[0]["errors"])
+        print(f"  errors by test class ({rules}):")
+        for r in worst:
+            kind = "anomalous, missed" if r["anomalous"] else "normal, flagged"
+            counts = " / ".join(str(v) for v in r["errors"].values())
+            print(f"    {r['class']:22s} {counts} of {r['n']} ({kind})")
     sys.stdout.flush()
     return 0
 

@@ -128,6 +128,7 @@ class EvalResult:
     metrics: dict[str, float | None]
     report_dir: str
     files: list[str]
+    per_class: list[dict] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, indent=None, sort_keys=False)
@@ -355,6 +356,10 @@ def evaluate(
     out_dir = Path(report_dir) if report_dir is not None else target.default_report_dir
     files = write_report(out_dir, test, recons, scores, labels, result_metrics, target.visuals())
     files.append(write_scores(out_dir / SCORES_FILE, scores, labels))
+    per_class: list[dict] = []
+    if splits.test_classes is not None:
+        per_class = metrics_mod.per_class(scores, labels, splits.test_classes, result_metrics)
+        files.append(report.per_class_png(per_class, out_dir / report.PER_CLASS_FILE))
     result = EvalResult(
         target=target.label,
         kind=target.kind,
@@ -366,6 +371,7 @@ def evaluate(
         metrics=result_metrics,
         report_dir=str(out_dir),
         files=[str(f) for f in files],
+        per_class=per_class,
     )
     (out_dir / METRICS_FILE).write_text(json.dumps(result.__dict__, indent=2) + "\n")
     return result

@@ -84,3 +84,45 @@ def evaluate_scores(
         out["top20_threshold"] = top
         out.update({f"top20_{k}": v for k, v in rule.items()})
     return {k: (None if v is not None and math.isnan(v) else v) for k, v in out.items()}
+
+
+def per_class(
+    scores: np.ndarray,
+    labels: np.ndarray,
+    classes: np.ndarray,
+    metrics: dict[str, float | None],
+) -> list[dict]:
+    """How each original test class fares at each operating point in `metrics` (the
+    calibrated threshold, and the top-20% rule where reported): an aggregate F1 hides
+    *which* normal classes are flagged (KDD: rare attack types that share normal
+    traffic's features) and which anomalous ones are missed. One row per (class, label),
+    anomalous classes last, larger groups first."""
+    scores, labels = _check(scores, labels)
+    classes = np.asarray(classes).astype(str).reshape(-1)
+    if classes.shape != labels.shape:
+        raise ValueError(f"{classes.size} test classes but {labels.size} labels")
+    rules = {"threshold": (metrics["threshold"], False)}
+    if metrics.get("top20_threshold") is not None:
+        rules["top20"] = (metrics["top20_threshold"], True)
+    rows = []
+    for name in np.unique(classes):
+        for label in (0, 1):
+            mask = (classes == name) & (labels == label)
+            if not mask.any():
+                continue
+            part, n = scores[mask], int(mask.sum())
+            flagged = {
+                rule: int(np.count_nonzero(part >= thr if inclusive else part > thr))
+                for rule, (thr, inclusive) in rules.items()
+            }
+            rows.append(
+                {
+                    "class": str(name),
+                    "anomalous": bool(label),
+                    "n": n,
+                    "median_score": float(np.median(part)),
+                    "flagged": {rule: k / n for rule, k in flagged.items()},
+                    "errors": {rule: n - k if label else k for rule, k in flagged.items()},
+                }
+            )
+    return sorted(rows, key=lambda r: (r["anomalous"], -r["n"], r["class"]))

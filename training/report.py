@@ -20,6 +20,7 @@ ROC_FILE = "roc.png"
 HISTOGRAM_FILE = "score_histogram.png"
 RECONSTRUCTIONS_FILE = "reconstructions.png"
 MEMORY_FILE = "memory_units.png"
+PER_CLASS_FILE = "per_class_errors.png"
 
 
 def _save(fig: Figure, path: Path) -> Path:
@@ -59,6 +60,30 @@ def histogram_png(
         ax.axvline(value, color="black", linestyle=style, label=f"{name} {value:.4g}")
     ax.set(xlabel="anomaly score", ylabel="density", title="test scores")
     ax.legend()
+    return _save(fig, path)
+
+
+def per_class_png(rows: list[dict], path: Path, limit: int = 25) -> Path:
+    """Error rate of each test class (flagged normals, missed anomalies) at each operating
+    point, worst first; `rows` as from `metrics.per_class`."""
+    rules = list(rows[0]["flagged"]) if rows else []
+    shown = sorted(rows, key=lambda r: -max(r["errors"].values(), default=0))[:limit]
+    shown = [r for r in shown if max(r["errors"].values(), default=0) > 0] or shown[:1]
+    fig, ax = plt.subplots(figsize=(7, 0.32 * len(shown) + 1.4))
+    y = np.arange(len(shown))
+    height = 0.8 / max(1, len(rules))
+    names = {"threshold": "calibrated threshold", "top20": "top-20% rule"}
+    for i, rule in enumerate(rules):
+        rate = [r["errors"][rule] / r["n"] for r in shown]
+        ax.barh(y + i * height, rate, height=height, label=names.get(rule, rule))
+    labels = [
+        f"{r['class']} ({'anomalous' if r['anomalous'] else 'normal'}, n={r['n']})" for r in shown
+    ]
+    ax.set_yticks(y + height * (len(rules) - 1) / 2, labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set(xlim=(0, 1), xlabel="error rate (normal: flagged, anomalous: missed)")
+    ax.set_title("errors by test class", loc="left")
+    ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=2, fontsize=7, frameon=False)
     return _save(fig, path)
 
 

@@ -203,4 +203,5 @@ def kdd_dagmm_splits(
         normal_classes=attacks,
         anomalous_classes=[ANOMALY_LABEL],
         split_seed=split_seed,
+        test_classes=raw["label"][test_rows],
     )

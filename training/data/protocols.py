@@ -59,6 +59,7 @@ def one_class_normal(
         normal_classes=[data.classes[k]],
         anomalous_classes=[c for i, c in enumerate(data.classes) if i != k],
         split_seed=split_seed,
+        test_classes=np.asarray(data.classes)[data.test_y],
     )
 
 
@@ -104,4 +105,5 @@ def one_class_anomalous(
         normal_classes=[c for i, c in enumerate(data.classes) if i != k],
         anomalous_classes=[data.classes[k]],
         split_seed=split_seed,
+        test_classes=np.asarray(data.classes)[classes[test_rows]],
     )

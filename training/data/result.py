@@ -25,6 +25,9 @@ class Splits:
     normal_classes: list[str]
     anomalous_classes: list[str]
     split_seed: int
+    # Each test sample's original class (digit, CIFAR class, KDD attack type) where the
+    # source has more than normal/anomalous: evaluation breaks its errors down by it.
+    test_classes: np.ndarray | None = None
 
     def summary(self) -> str:
         anomalous = int(self.test_labels.sum())
