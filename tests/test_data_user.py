@@ -78,6 +78,8 @@ def test_csv_with_label_and_symbolic_columns(tmp_path):
     assert s.input_spec.feature_names == ["a", "b", "colour=blue", "colour=green", "colour=red"]
     assert (len(s.train), len(s.val), len(s.test)) == (42, 6, 12 + 15)
     assert s.test_labels.sum() == 15 and s.anomalous_classes == ["anomalous"]
+    # The label text is kept as each test sample's class, for evaluation's breakdown.
+    assert list(s.test_classes) == ["normal"] * 12 + ["anomaly"] * 15
     # Scaling fitted on the train split: train spans [0, 1]; an unseen colour is all zeros.
     np.testing.assert_allclose(s.train.min(axis=0)[:2], 0.0, atol=1e-6)
     np.testing.assert_allclose(s.train.max(axis=0)[:2], 1.0, atol=1e-6)
@@ -96,6 +98,18 @@ def test_csv_options_and_unlabelled_files(tmp_path):
     path.write_text("x,mode,verdict\n" + "".join(f"{i},{i % 2},0\n" for i in range(20)))
     s = load_splits(str(path), label_column="verdict", symbolic_columns=["mode"])
     assert s.input_spec.feature_names == ["x", "mode=0", "mode=1"]
+    assert s.test_classes is None  # plain 0/1 labels: no classes beyond the label itself
+    kinds = tmp_path / "kinds.csv"
+    names = ["Normal.", "DoS", "probe"]
+    kinds.write_text("x,label\n" + "".join(f"{i},{names[i % 3]}\n" for i in range(60)))
+    s = load_splits(str(kinds))
+    assert s.test_labels.sum() == 40
+    assert dict(zip(*np.unique(s.test_classes, return_counts=True), strict=True)) == {
+        "DoS": 20,
+        "Normal": 4,
+        "probe": 20,
+    }
+    assert set(s.test_classes[s.test_labels == 0]) == {"Normal"}
     unlabelled = tmp_path / "u.csv"
     unlabelled.write_text("x,y\n" + "".join(f"{i},{i * 2}\n" for i in range(10)))
     s = load_splits(str(unlabelled))
@@ -131,7 +145,7 @@ def test_npz(tmp_path):
     s = load_splits(str(path))
     assert s.input_spec.feature_names == [f"sensor_{i}" for i in range(4)]
     assert (len(s.train), len(s.val), len(s.test)) == (35, 5, 10 + 10)
-    assert s.test_labels.sum() == 10
+    assert s.test_labels.sum() == 10 and s.test_classes is None
     x = np.load(path)["x"]
     x[3, 2] = np.nan
     np.savez(tmp_path / "nan.npz", x=x)

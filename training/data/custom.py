@@ -22,6 +22,7 @@ TEST_FRACTION = 0.2
 GREY_MODES = {"1", "L", "LA", "I", "I;16", "F", "P"}
 DEFAULT_LABEL_COLUMN = "label"
 NORMAL_WORDS = {"0", "0.0", "normal", "false"}
+PLAIN_LABELS = NORMAL_WORDS - {"normal"} | {"1", "1.0", "true"}
 NPZ_FEATURE_KEYS = ("x", "X", "data", "features")
 NPZ_LABEL_KEYS = ("y", "labels", "label")
 
@@ -132,17 +133,22 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def _labels(values: list[str], where: str) -> np.ndarray:
-    """0/1 labels, or "normal" (any case, trailing '.' ignored) = 0 and anything else = 1."""
-    cleaned = [v.strip().rstrip(".").lower() for v in values]
-    if any(v == "" for v in cleaned):
-        raise DataError(f"{where}: empty label on line {cleaned.index('') + 2}")
-    return np.array([0 if v in NORMAL_WORDS else 1 for v in cleaned], dtype=np.int64)
+def _labels(values: list[str], where: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """0/1 labels, or "normal" (any case, trailing '.' ignored) = 0 and anything else = 1;
+    plus the label text as each sample's class (e.g. attack types), unless it is plain 0/1,
+    so evaluation can say which kinds of anomaly a model misses."""
+    stripped = [v.strip().rstrip(".") for v in values]
+    if any(v == "" for v in stripped):
+        raise DataError(f"{where}: empty label on line {stripped.index('') + 2}")
+    lowered = [v.lower() for v in stripped]
+    labels = np.array([0 if v in NORMAL_WORDS else 1 for v in lowered], dtype=np.int64)
+    plain = set(lowered) <= PLAIN_LABELS
+    return labels, None if plain else np.array(stripped)
 
 
 def read_csv(
     path: Path, label_column: str | None, symbolic_columns: list[str] | None
-) -> tuple[dict[str, np.ndarray], list[str], np.ndarray]:
+) -> tuple[dict[str, np.ndarray], list[str], np.ndarray, np.ndarray | None]:
     """(raw columns, symbolic names, labels). Symbolic columns default to those holding any
     non-numeric value; a blank or NaN in a numeric column is an error naming it."""
     try:
@@ -166,9 +172,9 @@ def read_csv(
     if label_column is not None:
         if label_column not in columns:
             raise DataError(f"{path}: label column {label_column!r} missing; columns: {header}")
-        labels = _labels(columns.pop(label_column), f"{path}: column {label_column!r}")
+        labels, classes = _labels(columns.pop(label_column), f"{path}: column {label_column!r}")
     else:
-        labels = np.zeros(len(rows) - 1, dtype=np.int64)
+        labels, classes = np.zeros(len(rows) - 1, dtype=np.int64), None
     if not columns:
         raise DataError(f"{path}: no feature columns besides the label")
 
@@ -194,10 +200,12 @@ def read_csv(
                 f"{path}: column {name!r} has a blank, NaN or Inf value on line {bad[0] + 2}"
             )
         out[name] = num
-    return out, symbolic, labels
+    return out, symbolic, labels, classes
 
 
-def read_npz(path: Path, label_column: str | None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def read_npz(
+    path: Path, label_column: str | None
+) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray | None]:
     """Features from `x` (or X, data, features, or the only 2-D array), labels from `y` (or
     labels, label, or `label_column`), names from an optional `feature_names` array."""
     try:
@@ -230,13 +238,13 @@ def read_npz(path: Path, label_column: str | None) -> tuple[dict[str, np.ndarray
         raise DataError(f"{path}: label array {label_column!r} missing; arrays: {sorted(arrays)}")
     lkey = next((k for k in label_keys if k in arrays), None)
     if lkey is None:
-        labels = np.zeros(len(x), dtype=np.int64)
+        labels, classes = np.zeros(len(x), dtype=np.int64), None
     else:
         y = arrays[lkey]
         if y.shape != (len(x),):
             raise DataError(f"{path}: labels {lkey!r} have shape {y.shape}, expected ({len(x)},)")
-        labels = _labels([str(v) for v in y.tolist()], f"{path}: array {lkey!r}")
-    return {n: x[:, i] for i, n in enumerate(names)}, labels
+        labels, classes = _labels([str(v) for v in y.tolist()], f"{path}: array {lkey!r}")
+    return {n: x[:, i] for i, n in enumerate(names)}, labels, classes
 
 
 def tabular_splits(
@@ -253,10 +261,10 @@ def tabular_splits(
     if path.suffix.lower() == ".npz":
         if symbolic_columns:
             raise DataError(f"{path}: an NPZ holds numbers only; symbolic columns need a CSV")
-        columns, labels = read_npz(path, label_column)
+        columns, labels, classes = read_npz(path, label_column)
         symbolic: list[str] = []
     else:
-        columns, symbolic, labels = read_csv(path, label_column, symbolic_columns)
+        columns, symbolic, labels, classes = read_csv(path, label_column, symbolic_columns)
     normal, anomalous = np.flatnonzero(labels == 0), np.flatnonzero(labels == 1)
     rng = np.random.RandomState(split_seed)
     train, val, test = (normal[r] for r in split_normals(len(normal), val_fraction, rng))
@@ -286,4 +294,5 @@ def tabular_splits(
         normal_classes=["normal"],
         anomalous_classes=["anomalous"] if len(anomalous) else [],
         split_seed=split_seed,
+        test_classes=None if classes is None else classes[test],
     )
