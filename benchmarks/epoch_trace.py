@@ -6,9 +6,9 @@ wins or loses (EGBAD on KDD: epochs where G(E(x)) drops an attack mode, then epo
 reconstructions generalise to the anomalies). Test labels are read for the trace only,
 never to select or calibrate anything.
 
-    python benchmarks/epoch_trace.py --plan kdd --model egbad --seeds 0 1 2 --epochs 8
+    python benchmarks/epoch_trace.py --plan kdd --model egbad --seeds 5 6 7 8 --epochs 10
     python benchmarks/epoch_trace.py --plan kdd --model egbad --seeds 0 1 2 --epochs 8 \\
-        --hparam lr=5e-5
+        --hparam lr=5e-5 --hparam score_method=cross-e
 
 Each line goes to results/epochs.jsonl (a finished trace is skipped when rerun) and to
 standard output."""

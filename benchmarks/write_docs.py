@@ -2,16 +2,19 @@
 comes from a command in this folder:
 
     python benchmarks/train_benchmark.py --plan kdd --seeds 0 1 2 3 4   # -> results/train.jsonl
+    python benchmarks/train_benchmark.py --plan kdd --models egbad --seeds 0 1 2 3 4 \
+        --hparam epochs=4 --hparam score_method=cross-e               # EGBAD's earlier defaults
     python benchmarks/train_benchmark.py --plan mnist                     # (all models)
     python benchmarks/train_benchmark.py --plan mnist --seeds 1 --models ganomaly iforest ocsvm
     python benchmarks/train_benchmark.py --plan cifar10 --models ganomaly iforest ocsvm
     python benchmarks/train_benchmark.py --plan cifar10 --hparam contrast_norm=true
     python benchmarks/train_benchmark.py --plan cifar10 --models ganomaly \
         --hparam contrast_norm=true --hparam score_method=feature-mahalanobis [--seeds 1]
+    python benchmarks/epoch_trace.py --plan kdd --model egbad --seeds 5 6 7 8 --epochs 10
     python benchmarks/epoch_trace.py --plan kdd --model egbad --seeds 0 1 2 --epochs 8 \
-        --hparam lr=5e-5                                                  # -> results/epochs.jsonl
+        --hparam lr=5e-5 --hparam score_method=cross-e                    # -> results/epochs.jsonl
     python benchmarks/epoch_trace.py --plan kdd --model egbad --seeds 0 1 2 --epochs 7 \
-        --hparam lr=5e-5 --hparam w_rec=30.0
+        --hparam lr=5e-5 --hparam w_rec=30.0 --hparam score_method=cross-e
     python benchmarks/serve_benchmark.py                                  # paper-sized GANomaly
     python benchmarks/serve_benchmark.py --model mnist-ganomaly           # a shipped model
     python benchmarks/redis_benchmark.py --duration 6 --rounds 3          # -> results/redis.json

@@ -81,6 +81,27 @@ def test_scorer_matches_model_score():
         torch.testing.assert_close(model.scorer()(x), model.score(x))
 
 
+def test_egbad_latent_score_is_the_codes_round_trip():
+    torch.manual_seed(0)
+    h = {**small("egbad", TABULAR), "score_method": "latent"}
+    model = build_model("egbad", TABULAR, **h)
+    model.training_step(batch(TABULAR, 8))
+    model.eval()
+    x = batch(TABULAR)
+    with torch.no_grad():
+        score, recon = model.score(x)
+        z = model.ema_enc(model.to_model_space(x))[0]
+        x_rec = model.ema_gen(z)
+        expected = (z - model.ema_enc(x_rec)[0]).pow(2).sum(dim=1)
+    torch.testing.assert_close(score, expected)
+    torch.testing.assert_close(recon, model.from_model_space(x_rec, x))
+    # The paper's scores are still there, and differ from it.
+    other = build_model("egbad", TABULAR, **{**h, "score_method": "cross-e"})
+    other.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert not torch.allclose(other.eval().score(x)[0], score)
+
+
 def test_memgan_visuals_are_decoded_memory_units():
     model = build_model("memgan", IMAGE, **small("memgan", IMAGE))
     units = model.visuals()["memory_units"]

@@ -79,30 +79,32 @@ _DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
         "w_rec": 0.0,
     },
     # KDD (sigmoid output, Glorot init, slope 0.1 as the reference). Deviations from the
-    # paper, all measured as top-20% F1 on seeds 0/1/2:
+    # paper, all measured as top-20% F1:
     # - The paper's pure BiGAN at lr 1e-5 never inverts G reliably on min-max-scaled
     #   features (the reference code trained on unscaled ones): G(E(x)) drops a whole attack
-    #   mode for some epochs and not others. D at lr 1e-6, 2 epochs: 0.94/0.45/0.73; over 10
-    #   epochs per-epoch F1 swings between 0.0 and 0.73 on seeds 1 and 2. D at full lr:
-    #   0.15/0.11.
+    #   mode for some epochs and not others. D at lr 1e-6, 2 epochs: 0.94/0.45/0.73 (seeds
+    #   0/1/2); over 10 epochs per-epoch F1 swings between 0.0 and 0.73 on seeds 1 and 2. D
+    #   at full lr: 0.15/0.11.
     # - So E and G also minimise w_rec * mean |x - G(E(x))| (w_rec 10) at lr 1e-4, D at a
-    #   tenth of it, for 4 epochs with validation-reconstruction selection: per-epoch F1
-    #   0.87-0.95 from the first epoch on every seed, 0.92/0.95/0.94 at epochs 3-4, drifting
-    #   to 0.91 by epoch 8 as reconstructions generalise to anomalies. w_rec 1: 0.73 (modes
-    #   dropped again); w_rec 50: 0.92 (seed 0); D at full lr with w_rec 10: 0.00.
-    #   Benchmark: 0.921/0.949/0.937 (AUROC 0.991/0.994/0.988), and 0.914/0.914 on seeds 3
-    #   and 4: mean 0.927 over five seeds, short of 0.94. Most errors are rare attack types
-    #   that all three detectors flag (docs/benchmarks.md, "Where the kdd-dagmm errors are").
-    # - Tried since (`benchmarks/epoch_trace.py`, docs/benchmarks.md "Per-epoch traces"),
-    #   none better on average: lr 5e-5 over 8 epochs keeps seeds 0 and 2 at 0.943-0.951
-    #   from epoch 4, but seed 1 drops an attack mode for most epochs; selection gives
-    #   0.947/0.910/0.947. Adding w_rec 30 (7 epochs) keeps every epoch of every seed
-    #   between 0.87 and 0.94 but selects 0.938/0.912/0.925.
+    #   tenth of it, with validation-reconstruction selection. With the paper's score
+    #   (cross-e) per-epoch F1 is 0.87-0.95 from the first epoch, drifting to 0.91 by epoch
+    #   8 as reconstructions generalise to anomalies; w_rec 1: 0.73 (modes dropped again);
+    #   w_rec 50: 0.92 (seed 0); D at full lr with w_rec 10: 0.00. After 4 epochs, benchmark
+    #   seeds 0-4: 0.921/0.949/0.937/0.914/0.914, mean 0.927. lr 5e-5, with or without
+    #   w_rec 30, was no better (docs/benchmarks.md "Per-epoch traces").
+    # - The data-space error is mostly one-hot mismatches, which small attack types
+    #   (ipsweep, portsweep, satan, teardrop) share with normal traffic, so it ranks them
+    #   among the anomalies. The latent round trip ||E(x) - E(G(E(x)))||^2 separates them,
+    #   but only once E and G agree on neptune's code: per-epoch F1 on seeds 5-8 is 0.68-0.79
+    #   in the epochs where they do not (1-3 on seed 5, 2-5 on seed 6), 0.938/0.950/0.957/
+    #   0.936 at epoch 6, and drifts later (seed 8: 0.91 at epoch 7, 0.76-0.83 at 8-10).
+    #   Epoch 6 was picked on those seeds; benchmark seeds 0-4: 0.937/0.939/0.952/0.940/
+    #   0.929, mean 0.939 (F1 at the calibrated threshold 0.84, was 0.57).
     ("egbad", "tabular"): {
         **_ADAM,
         "lr": 1e-4,
         "batch_size": 50,
-        "epochs": 4,
+        "epochs": 6,
         "latent_dim": 32,
         "enc_hidden": [64],
         "gen_hidden": [64, 128],
@@ -113,7 +115,7 @@ _DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
         "ema_decay": 0.9999,
         "d_lr_scale": 0.1,
         "score_weight": 0.1,
-        "score_method": "cross-e",
+        "score_method": "latent",
         "leaky_slope": 0.1,
         "w_rec": 10.0,
     },
