@@ -24,7 +24,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from train_benchmark import DATA_ROOT, PLANS, ROOT, job_key  # noqa: E402
+from train_benchmark import PLANS, ROOT, gan_config, job_key, job_splits  # noqa: E402
 
 RESULTS = HERE / "results" / "epochs.jsonl"
 
@@ -40,18 +40,16 @@ def trace(plan: str, model: str, cls: str | None, seed: int, epochs: int, hparam
     import numpy as np
     import torch
 
-    from training.data import load_splits
     from training.metrics import evaluate_scores
     from training.runs import score_array
-    from training.train import TrainConfig, train
+    from training.train import train
 
     dataset, protocol, _ = PLANS[plan]
     key = f"{job_key(dataset, model, cls, seed, hparams)}/epochs{epochs}"
     if finished(key, epochs):
         print(f"skip {key} (in {RESULTS.name})", flush=True)
         return
-    image_size = 32 if dataset in ("mnist", "fashion-mnist", "cifar10") else None
-    splits = load_splits(dataset, protocol, normal_class=cls, root=DATA_ROOT, image_size=image_size)
+    splits = job_splits(dataset, protocol, cls)
     train_x = torch.as_tensor(splits.train, dtype=torch.float32)
     rows: list[dict] = []
 
@@ -75,18 +73,8 @@ def trace(plan: str, model: str, cls: str | None, seed: int, epochs: int, hparam
 
     out = ROOT / "runs" / "trace" / key.replace("/", "_")
     shutil.rmtree(out, ignore_errors=True)  # a trace needs every epoch: no resume
-    cfg = TrainConfig(
-        model=model,
-        dataset=dataset,
-        protocol=protocol,
-        normal_class=cls,
-        seed=seed,
-        out=out,
-        data_root=DATA_ROOT,
-        image_size=image_size,
-        epochs=epochs,
-        hparams=hparams,
-    )
+    spec = {"model": model, "dataset": dataset, "protocol": protocol, "cls": cls, "seed": seed}
+    cfg = gan_config({**spec, "epochs": epochs, "hparams": hparams}, out, resume=False)
     train(cfg, splits=splits, progress=False, on_epoch=on_epoch)
     best = min(rows, key=lambda r: r["val_selection_metric"])
     print(f"selected epoch {best['epoch']} (lowest validation metric)", flush=True)

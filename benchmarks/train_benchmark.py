@@ -66,6 +66,37 @@ def label(row: dict) -> str:
     return f"{row['model']} ({variant(row['hparams'])})" if row.get("hparams") else row["model"]
 
 
+def image_size(dataset: str) -> int | None:
+    """Images at the papers' 32x32; tables as they are."""
+    return 32 if dataset in ("mnist", "fashion-mnist", "cifar10") else None
+
+
+def job_splits(dataset: str, protocol: str, cls: str | None):
+    from training.data import load_splits
+
+    size = image_size(dataset)
+    return load_splits(dataset, protocol, normal_class=cls, root=DATA_ROOT, image_size=size)
+
+
+def gan_config(spec: dict, out: Path, *, resume: bool):
+    """The TrainConfig of a GAN job (`spec` as `plan_jobs` makes it)."""
+    from training.train import TrainConfig
+
+    return TrainConfig(
+        model=spec["model"],
+        dataset=spec["dataset"],
+        protocol=spec["protocol"],
+        normal_class=spec["cls"],
+        seed=spec["seed"],
+        out=out,
+        resume=resume,
+        data_root=DATA_ROOT,
+        image_size=image_size(spec["dataset"]),
+        epochs=spec.get("epochs"),
+        hparams=dict(spec.get("hparams") or {}),
+    )
+
+
 def contrast_normalised(x):
     """Baselines see the same per-image contrast normalisation as the GANs' graphs."""
     import torch
@@ -85,7 +116,6 @@ def run_one(spec: dict) -> dict:
     """One job, in this (child) process."""
     import numpy as np
 
-    from training.data import load_splits
     from training.metrics import evaluate_scores
 
     dataset, protocol, model, cls, seed = (
@@ -95,30 +125,16 @@ def run_one(spec: dict) -> dict:
         spec["cls"],
         spec["seed"],
     )
-    image_size = 32 if dataset in ("mnist", "fashion-mnist", "cifar10") else None
-    splits = load_splits(dataset, protocol, normal_class=cls, root=DATA_ROOT, image_size=image_size)
+    splits = job_splits(dataset, protocol, cls)
     t0 = time.perf_counter()
     extra: dict = {}
     hparams = dict(spec.get("hparams") or {})
     if model in GANS:
         from training.runs import load_run, score_array
-        from training.train import TrainConfig, train
+        from training.train import train
 
         out = RUNS / spec["key"].replace("/", "_")
-        cfg = TrainConfig(
-            model=model,
-            dataset=dataset,
-            protocol=protocol,
-            normal_class=cls,
-            seed=seed,
-            out=out,
-            resume=out.exists(),
-            data_root=DATA_ROOT,
-            image_size=image_size,
-            epochs=spec.get("epochs"),
-            hparams=hparams,
-        )
-        run_dir = train(cfg, splits=splits, progress=False)
+        run_dir = train(gan_config(spec, out, resume=out.exists()), splits=splits, progress=False)
         net, info = load_run(run_dir)
         scores, _ = score_array(net, splits.test)
         threshold = info.threshold.value
