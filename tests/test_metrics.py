@@ -13,6 +13,7 @@ from training.metrics import (
     per_class,
     ranking,
     top_fraction_threshold,
+    worst_classes,
 )
 
 # Positives 0.35, 0.8, 0.9; negatives 0.1, 0.4. Pairs ranked right: 5 of 6.
@@ -83,6 +84,10 @@ def test_per_class_by_hand():
     assert rows["b", False]["errors"] == {"threshold": 0, "top20": 0}
     assert rows["x", True]["errors"] == {"threshold": 1, "top20": 1}
     assert rows["x", True]["median_score"] == pytest.approx(0.6)
+    # Classes without errors drop out of the "worst" list; ties keep per_class's order.
+    worst = worst_classes(per_class(scores, labels, classes, m), 5)
+    assert [r["class"] for r in worst] == ["a", "x"]
+    assert [r["class"] for r in worst_classes(list(rows.values()), 1)] == ["a"]
     # Without the kdd-dagmm protocol only the calibrated threshold is broken down.
     plain = per_class(scores, labels, classes, evaluate_scores(scores, labels, 0.5, None))
     assert all(set(r["errors"]) == {"threshold"} for r in plain)

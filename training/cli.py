@@ -204,8 +204,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
     for key, value in result.metrics.items():
         shown = "n/a" if value is None else f"{value:.0f}" if key == "n_test" else f"{value:.4f}"
         print(f"  {key:24s} {shown}")
-    worst = sorted(result.per_class, key=lambda r: -max(r["errors"].values()))
-    worst = [r for r in worst if max(r["errors"].values()) > 0][:10]
+    from training.metrics import worst_classes
+
+    worst = worst_classes(result.per_class, 10)
     if worst:
         rules = " / ".join(worst[0]["errors"])
         print(f"  errors by test class ({rules}):")

@@ -126,3 +126,9 @@ def per_class(
                 }
             )
     return sorted(rows, key=lambda r: (r["anomalous"], -r["n"], r["class"]))
+
+
+def worst_classes(rows: list[dict], limit: int) -> list[dict]:
+    """`per_class` rows with any error, the most errors (at either operating point) first."""
+    ranked = sorted(rows, key=lambda r: -max(r["errors"].values()))
+    return [r for r in ranked if max(r["errors"].values()) > 0][:limit]

@@ -16,6 +16,8 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
+from training.metrics import worst_classes  # noqa: E402
+
 ROC_FILE = "roc.png"
 HISTOGRAM_FILE = "score_histogram.png"
 RECONSTRUCTIONS_FILE = "reconstructions.png"
@@ -67,8 +69,7 @@ def per_class_png(rows: list[dict], path: Path, limit: int = 25) -> Path:
     """Error rate of each test class (flagged normals, missed anomalies) at each operating
     point, worst first; `rows` as from `metrics.per_class`."""
     rules = list(rows[0]["flagged"]) if rows else []
-    shown = sorted(rows, key=lambda r: -max(r["errors"].values(), default=0))[:limit]
-    shown = [r for r in shown if max(r["errors"].values(), default=0) > 0] or shown[:1]
+    shown = worst_classes(rows, limit) or rows[:1]
     fig, ax = plt.subplots(figsize=(7, 0.32 * len(shown) + 1.4))
     y = np.arange(len(shown))
     height = 0.8 / max(1, len(rules))
