@@ -211,7 +211,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         rules = " / ".join(worst[0]["errors"])
         print(f"  errors by test class ({rules}):")
         for r in worst:
-            kind = "anomalous, missed" if r["anomalous"] else "normal, flagged"
+            kind = "anomaly, missed" if r["anomalous"] else "normal class, flagged"
             counts = " / ".join(str(v) for v in r["errors"].values())
             print(f"    {r['class']:22s} {counts} of {r['n']} ({kind})")
     sys.stdout.flush()

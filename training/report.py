@@ -78,7 +78,8 @@ def per_class_png(rows: list[dict], path: Path, limit: int = 25) -> Path:
         rate = [r["errors"][rule] / r["n"] for r in shown]
         ax.barh(y + i * height, rate, height=height, label=names.get(rule, rule))
     labels = [
-        f"{r['class']} ({'anomalous' if r['anomalous'] else 'normal'}, n={r['n']})" for r in shown
+        f"{r['class']} ({'anomaly' if r['anomalous'] else 'normal class'}, n={r['n']})"
+        for r in shown
     ]
     ax.set_yticks(y + height * (len(rules) - 1) / 2, labels, fontsize=7)
     ax.invert_yaxis()
