@@ -4,6 +4,8 @@ comes from a command in this folder:
     python benchmarks/train_benchmark.py --plan kdd --seeds 0 1 2 3 4   # -> results/train.jsonl
     python benchmarks/train_benchmark.py --plan kdd --models egbad --seeds 0 1 2 3 4 \
         --hparam epochs=4 --hparam score_method=cross-e               # EGBAD's earlier defaults
+    python benchmarks/train_benchmark.py --plan kdd --models egbad --seeds 0 1 2 3 4 \
+        --hparam epochs=4 --hparam score_method=latent
     python benchmarks/train_benchmark.py --plan mnist                     # (all models)
     python benchmarks/train_benchmark.py --plan mnist --seeds 1             # (all models)
     python benchmarks/train_benchmark.py --plan cifar10 --models ganomaly iforest ocsvm
