@@ -9,7 +9,7 @@ comes from a command in this folder:
     python benchmarks/train_benchmark.py --plan mnist                     # (all models)
     python benchmarks/train_benchmark.py --plan mnist --seeds 1             # (all models)
     python benchmarks/train_benchmark.py --plan cifar10 --models ganomaly iforest ocsvm
-    python benchmarks/train_benchmark.py --plan cifar10 --hparam contrast_norm=true
+    python benchmarks/train_benchmark.py --plan cifar10 --hparam contrast_norm=true [--seeds 1]
     python benchmarks/train_benchmark.py --plan cifar10 --models ganomaly \
         --hparam contrast_norm=true --hparam score_method=feature-mahalanobis [--seeds 1]
     python benchmarks/epoch_trace.py --plan kdd --model egbad --seeds 5 6 7 8 --epochs 10
