@@ -39,11 +39,15 @@ class ImageInput(_Strict):
 
 class Column(_Strict):
     """One field of a raw record. Symbolic fields are one-hot encoded over `vocabulary`;
-    a value outside the vocabulary encodes as all zeros (it was never seen in training)."""
+    a value outside the vocabulary encodes as all zeros (it was never seen in training).
+    A numeric field with `transform: log1p` (byte counts, durations) is replaced by
+    log(1 + v) before scaling: min-max scaling alone squashes a heavy tail so far that
+    54 kB and 250 B both become about 0."""
 
     name: str
     kind: Literal["numeric", "symbolic"]
     vocabulary: list[str] | None = None
+    transform: Literal["none", "log1p"] = "none"
 
     @model_validator(mode="after")
     def _vocab_for_symbolic(self) -> Column:
@@ -51,6 +55,8 @@ class Column(_Strict):
             raise ValueError(f"symbolic column {self.name!r} needs a vocabulary")
         if self.kind == "numeric" and self.vocabulary is not None:
             raise ValueError(f"numeric column {self.name!r} cannot have a vocabulary")
+        if self.kind == "symbolic" and self.transform != "none":
+            raise ValueError(f"symbolic column {self.name!r} cannot have a transform")
         return self
 
     @property
@@ -64,8 +70,9 @@ class Column(_Strict):
 
 
 class TabularPreprocessing(_Strict):
-    """Raw record -> model features: expand `columns` in order (one-hot for symbolic), then
-    `(v - offset) / scale` per expanded feature. Fitted on the training split only."""
+    """Raw record -> model features: expand `columns` in order (one-hot for symbolic, each
+    numeric field through its `transform`), then `(v - offset) / scale` per expanded
+    feature. Fitted on the training split only."""
 
     columns: list[Column]
     scaling: Literal["minmax", "standard", "none"]

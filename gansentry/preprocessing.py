@@ -120,10 +120,15 @@ def fit_tabular(
     symbolic: Sequence[str],
     scaling: str = "minmax",
     vocabularies: Mapping[str, Sequence[str]] | None = None,
+    log_columns: Sequence[str] = (),
 ) -> TabularPreprocessing:
     """Learn vocabularies and scaling from the training split's raw columns (in order).
     `vocabularies` fixes a symbolic column's categories up front (a published encoding such
-    as KDD99's 121 features lists categories the training split may lack)."""
+    as KDD99's 121 features lists categories the training split may lack); `log_columns`
+    are numeric columns scaled as log(1 + v)."""
+    bad = [c for c in log_columns if c not in columns or c in symbolic]
+    if bad:
+        raise ValueError(f"log-scaled column(s) {bad} must be numeric columns of the table")
     specs: list[Column] = []
     for name, values in columns.items():
         if name in symbolic:
@@ -133,7 +138,8 @@ def fit_tabular(
                 vocab = sorted({str(v) for v in values})
             specs.append(Column(name=name, kind="symbolic", vocabulary=vocab))
         else:
-            specs.append(Column(name=name, kind="numeric"))
+            transform = "log1p" if name in log_columns else "none"
+            specs.append(Column(name=name, kind="numeric", transform=transform))
     unscaled = TabularPreprocessing(
         columns=specs,
         scaling="none",
@@ -183,6 +189,13 @@ def encode_columns(
                 raise InputError(f"column {col.name!r} must be numeric: {e}") from e
             if not np.all(np.isfinite(num)):
                 raise InputError(f"column {col.name!r} contains NaN or Inf")
+            if col.transform == "log1p":
+                if np.any(num < 0):
+                    raise InputError(
+                        f"column {col.name!r} is log-scaled and needs values >= 0, "
+                        f"got {num.min():g}"
+                    )
+                num = np.log1p(num)
             parts.append(num.reshape(-1, 1))
     x = np.concatenate(parts, axis=1)
     x = (x - np.asarray(prep.offset)) / np.asarray(prep.scale)

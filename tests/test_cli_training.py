@@ -139,6 +139,8 @@ def datasets(tmp_path):
             ["--dataset", "{d}/nan.csv", "--label-column", "label", "--symbolic-columns", "colour"],
             ["nan.csv", "'b'"],
         ),
+        (["--dataset", "{d}/table.csv", "--log-columns", "a"], ["table.csv", "'a'", ">= 0"]),
+        (["--dataset", "{d}/table.csv", "--log-columns", "size"], ["table.csv", "['size']"]),
     ],
 )
 def test_train_data_errors_name_the_file_or_field(capsys, datasets, args, needles):

@@ -116,6 +116,23 @@ def test_csv_options_and_unlabelled_files(tmp_path):
     assert s.test_labels.sum() == 0 and s.train.shape[1] == 2
 
 
+def test_csv_log_columns(tmp_path):
+    path = make_csv(tmp_path / "m.csv", n_normal=60, n_anomalous=15)
+    s = load_splits(str(path), log_columns=["b"])
+    prep = s.input_spec.preprocessing
+    assert [c.transform for c in prep.columns] == ["none", "log1p", "none"]
+    rows = tabular_rows(60, 15)
+    normal_b = np.log1p([r["b"] for r in rows if r["label"] == "normal"])
+    train_b = s.train[:, 1] * prep.scale[1] + prep.offset[1]
+    assert all(np.isclose(b, normal_b, atol=1e-4).any() for b in train_b)
+    np.testing.assert_allclose([train_b.min(), s.train[:, 1].max()], [prep.offset[1], 1.0])
+    with pytest.raises(DataError, match=r"log-scaled column\(s\) \['colour'\] must be numeric"):
+        load_splits(str(path), log_columns=["colour"])
+    # a ~ N(0, 1) has negative values: log(1 + v) is refused, naming file and column.
+    with pytest.raises(DataError, match="m.csv: column 'a' is log-scaled and needs values >= 0"):
+        load_splits(str(path), log_columns=["a"])
+
+
 def test_csv_errors_name_the_column(tmp_path):
     path = make_csv(tmp_path / "m.csv")
     with pytest.raises(DataError, match="label column 'kind' missing; columns: \\['a'"):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gansentry.manifest import ImageInput, TabularInput
+from gansentry.manifest import Column, ImageInput, TabularInput, TabularPreprocessing
 from gansentry.preprocessing import (
     InputError,
     array_to_png,
@@ -76,3 +76,23 @@ def test_tabular_fit_encode_and_record_errors():
         encode_record({"proto": "tcp"}, prep)
     with pytest.raises(InputError, match="NaN"):
         encode_record({"proto": "tcp", "bytes": float("nan")}, prep)
+
+
+def test_log_scaled_column_round_trips_through_the_manifest():
+    cols = {"proto": ["tcp", "udp", "tcp"], "bytes": [0.0, 99.0, 9999.0], "rate": [0.0, 0.5, 1.0]}
+    prep = fit_tabular(cols, symbolic=["proto"], log_columns=["bytes"])
+    assert [c.transform for c in prep.columns] == ["none", "log1p", "none"]
+    x = encode_columns(cols, prep)
+    np.testing.assert_allclose(x[:, 2], [0.0, np.log(100) / np.log(10000), 1.0], rtol=1e-6)
+    np.testing.assert_allclose(x[:, 3], [0.0, 0.5, 1.0])
+    # The service reads the manifest back and encodes a record the same way.
+    again = TabularPreprocessing.model_validate_json(prep.model_dump_json())
+    np.testing.assert_array_equal(
+        encode_record({"proto": "udp", "bytes": 99.0, "rate": 0.5}, again), x[1]
+    )
+    with pytest.raises(InputError, match="'bytes' is log-scaled and needs values >= 0"):
+        encode_record({"proto": "tcp", "bytes": -5.0, "rate": 0.5}, again)
+    with pytest.raises(ValueError, match=r"\['proto'\] must be numeric"):
+        fit_tabular(cols, symbolic=["proto"], log_columns=["proto"])
+    with pytest.raises(ValueError, match="cannot have a transform"):
+        Column(name="proto", kind="symbolic", vocabulary=["tcp"], transform="log1p")

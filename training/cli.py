@@ -86,6 +86,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--max-train", type=int, help="use at most N training samples")
     t.add_argument("--label-column", help="CSV/NPZ column with 0/1 or normal/anomalous labels")
     t.add_argument("--symbolic-columns", help="comma-separated CSV columns to one-hot encode")
+    t.add_argument(
+        "--log-columns",
+        help="comma-separated numeric columns to scale as log(1 + v): heavy-tailed counts "
+        "such as bytes or durations",
+    )
     t.add_argument("--threshold-quantile", type=float, default=0.99)
     t.add_argument(
         "--hparam",
@@ -173,6 +178,7 @@ def run_train(args: argparse.Namespace) -> int:
             max_train=args.max_train,
             label_column=args.label_column,
             symbolic_columns=_columns(args.symbolic_columns),
+            log_columns=_columns(args.log_columns),
             threshold_quantile=args.threshold_quantile,
             hparams=hparams,
         )

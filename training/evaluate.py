@@ -9,7 +9,6 @@ offline score of the same input come from the same session code."""
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -18,11 +17,9 @@ from typing import Any
 import numpy as np
 
 from gansentry.contract import MANIFEST_FILE
-from gansentry.manifest import ImageInput, TabularInput, Threshold
+from gansentry.manifest import ImageInput, TabularInput, TabularPreprocessing, Threshold
 from training import metrics as metrics_mod
 from training import report
-
-log = logging.getLogger(__name__)
 
 SCORE_BATCH = 256
 METRICS_FILE = "metrics.json"
@@ -49,6 +46,7 @@ class DataRequest:
     label_column: str | None = None
     symbolic_columns: list[str] | None = None
     max_train: int | None = None
+    preprocessing: TabularPreprocessing | None = None
 
     def load(self, download: bool = False) -> Any:
         from training.data import load_splits
@@ -65,6 +63,7 @@ class DataRequest:
             label_column=self.label_column,
             symbolic_columns=self.symbolic_columns,
             max_train=self.max_train,
+            preprocessing=self.preprocessing,
         )
 
     def override(
@@ -194,6 +193,7 @@ def open_model_dir(path: Path) -> Target:
         label_column=_str_or_none(hp.get("label_column")),
         symbolic_columns=str(sym).split(",") if sym else None,
         max_train=_int_or_none(hp.get("max_train")),
+        preprocessing=spec.preprocessing if isinstance(spec, TabularInput) else None,
     )
     return Target(
         kind="model",
@@ -221,6 +221,7 @@ def run_request(info: Any) -> DataRequest:
         label_column=config_value(cfg, "label_column"),
         symbolic_columns=config_value(cfg, "symbolic_columns"),
         max_train=config_value(cfg, "max_train"),
+        preprocessing=spec.preprocessing if isinstance(spec, TabularInput) else None,
     )
 
 
@@ -268,8 +269,8 @@ def check_compatible(
     spec: ImageInput | TabularInput, data_spec: ImageInput | TabularInput, dataset: str
 ) -> None:
     """The test data must be what the model was trained on: same shape and, for tables,
-    the same features in the same order. A different scaling (another split seed) is
-    allowed but logged, because the model's own preprocessing is then not the one used."""
+    the same features in the same order (tables are encoded with the model's own
+    preprocessing, so scaling cannot differ)."""
     if tuple(data_spec.shape) != tuple(spec.shape):
         raise EvaluationError(
             f"dataset {dataset} gives samples of shape {list(data_spec.shape)}, "
@@ -282,8 +283,6 @@ def check_compatible(
                 raise EvaluationError(
                     f"dataset {dataset} feature {i} is {got!r}, the model expects {want!r}"
                 )
-        if spec.preprocessing != data_spec.preprocessing:
-            log.warning("%s: scaling differs from the model's preprocessing", dataset)
 
 
 def write_report(

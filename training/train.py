@@ -60,6 +60,7 @@ class TrainConfig:
     max_train: int | None = None
     label_column: str | None = None
     symbolic_columns: list[str] | None = None
+    log_columns: list[str] | None = None
     threshold_quantile: float = 0.99
     hparams: dict[str, Any] = field(default_factory=dict)
 
@@ -182,6 +183,7 @@ def _load_splits(cfg: TrainConfig) -> Splits:
         download=cfg.download,
         label_column=cfg.label_column,
         symbolic_columns=cfg.symbolic_columns,
+        log_columns=cfg.log_columns,
         max_train=cfg.max_train,
     )
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from gansentry.manifest import TabularInput
+from gansentry.manifest import TabularInput, TabularPreprocessing
 from gansentry.preprocessing import InputError, decode_image, encode_columns, fit_tabular
 from training.data.cifar import IMAGE_EXTS
 from training.data.errors import DataError
@@ -255,9 +255,11 @@ def tabular_splits(
     max_train: int | None,
     label_column: str | None,
     symbolic_columns: list[str] | None,
+    log_columns: list[str] | None = None,
+    preprocessing: TabularPreprocessing | None = None,
 ) -> Splits:
     """Normals (label 0) split 70/10/20; the test set adds every anomaly. Vocabularies and
-    min-max scaling are fitted on the train split alone."""
+    min-max scaling (of log(1 + v) for `log_columns`) are fitted on the train split alone."""
     if path.suffix.lower() == ".npz":
         if symbolic_columns:
             raise DataError(f"{path}: an NPZ holds numbers only; symbolic columns need a CSV")
@@ -274,8 +276,15 @@ def tabular_splits(
     def take(rows: np.ndarray) -> dict[str, np.ndarray]:
         return {n: v[rows] for n, v in columns.items()}
 
-    prep = fit_tabular(take(train), symbolic, "minmax")
+    bad = [c for c in log_columns or [] if c not in columns or c in symbolic]
+    if bad:
+        raise DataError(
+            f"{path}: log-scaled column(s) {bad} must be numeric columns; columns: {list(columns)}"
+        )
     try:
+        prep = preprocessing or fit_tabular(
+            take(train), symbolic, "minmax", log_columns=log_columns or ()
+        )
         x_train, x_val, x_test = (encode_columns(take(r), prep) for r in (train, val, test))
     except InputError as e:
         raise DataError(f"{path}: {e}") from e

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gansentry.manifest import TabularInput
+from gansentry.manifest import TabularInput, TabularPreprocessing
 from gansentry.preprocessing import InputError, encode_columns, fit_tabular
 from training.data.cache import cached_arrays
 from training.data.errors import DataError
@@ -70,6 +70,10 @@ KDD_SYMBOLIC = [
     "is_guest_login",
 ]
 KDD_NUMERIC = [f for f in KDD_FIELDS if f not in KDD_SYMBOLIC]
+# Counts, bytes and seconds (everything but the *_rate fractions) are heavy-tailed:
+# src_bytes runs to 7e8, so min-max alone maps a 54 kB `back` request and a 250 B normal
+# one both to ~0. Scaled as log(1 + v) the training GANs can tell them apart.
+KDD_LOG_SCALED = [f for f in KDD_NUMERIC if not f.endswith("_rate")]
 KDD_NAMES = [
     "kddcup.data_10_percent.gz",
     "kddcup.data_10_percent",
@@ -155,11 +159,13 @@ def kdd_dagmm_splits(
     val_fraction: float,
     max_train: int | None,
     dataset: str,
+    preprocessing: TabularPreprocessing | None = None,
 ) -> Splits:
     """DAGMM/EGBAD protocol: "normal." traffic is the anomaly (label 1); a random 50/50
     split; train on the train half's non-anomalies (val carved from them); the test half
     subsampled to 20% anomalies; vocabularies from the whole file (the published 121-feature
-    encoding), min-max scaling fitted on the train split only."""
+    encoding), min-max scaling (of log(1 + v) for counts, bytes and seconds) fitted on the
+    train split only."""
     from sklearn.model_selection import train_test_split
 
     raw = load_kdd_raw(path)
@@ -180,7 +186,13 @@ def kdd_dagmm_splits(
     test_rows = subsample_test(labels, test_half, split_seed)
 
     vocab = {name: sorted(set(raw[name].tolist())) for name in KDD_SYMBOLIC}
-    prep = fit_tabular(raw_columns(raw, train_rows), KDD_SYMBOLIC, "minmax", vocabularies=vocab)
+    prep = preprocessing or fit_tabular(
+        raw_columns(raw, train_rows),
+        KDD_SYMBOLIC,
+        "minmax",
+        vocabularies=vocab,
+        log_columns=KDD_LOG_SCALED,
+    )
     try:
         train, val, test = (
             encode_columns(raw_columns(raw, r), prep) for r in (train_rows, val_rows, test_rows)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from gansentry.manifest import TabularPreprocessing
 from training.data import cifar, custom, idx, kdd, protocols
 from training.data.download import download as fetch
 from training.data.errors import DataError
@@ -72,14 +73,20 @@ def load_splits(
     val_fraction: float = 0.1,
     label_column: str | None = None,
     symbolic_columns: list[str] | None = None,
+    log_columns: list[str] | None = None,
     max_train: int | None = None,
+    preprocessing: TabularPreprocessing | None = None,
 ) -> Splits:
     """Load `dataset` (a name in DATASETS or a path to the user's data) split by `protocol`.
 
     `normal_class` picks the class by index or name. Under `one-class-anomalous` it names
     the ANOMALOUS class (as GANomaly's `--abnormal_class` does); `anomalous_class` says the
     same thing explicitly. `image_size` resizes square through the service's preprocessing;
-    tabular data ignores it. Raises DataError naming the file, field or class at fault."""
+    tabular data ignores it. `log_columns` (users' tables) scales those numeric columns as
+    log(1 + v). `preprocessing` encodes a table with a model's own fitted
+    preprocessing instead of fitting one on the train split, so evaluation feeds a model
+    the features it was trained on and is served. Raises DataError naming the file, field
+    or class at fault."""
     if not 0 < val_fraction < 0.5:
         raise DataError(f"val_fraction must be between 0 and 0.5, got {val_fraction}")
     if max_train is not None and max_train < 1:
@@ -101,7 +108,11 @@ def load_splits(
             _check_protocol(protocol, ("kdd-dagmm",), "kddcup99")
             seed = DEFAULT_SEEDS[protocol] if split_seed is None else split_seed
             return kdd.kdd_dagmm_splits(
-                kdd.locate_kdd(root), split_seed=seed, dataset=name, **common
+                kdd.locate_kdd(root),
+                split_seed=seed,
+                dataset=name,
+                preprocessing=preprocessing,
+                **common,
             )
         protocol = protocol or "one-class-normal"
         _check_protocol(protocol, IMAGE_PROTOCOLS, name)
@@ -126,7 +137,9 @@ def load_splits(
         protocol = protocol or "kdd-dagmm"
         _check_protocol(protocol, ("kdd-dagmm",), str(path))
         seed = DEFAULT_SEEDS[protocol] if split_seed is None else split_seed
-        return kdd.kdd_dagmm_splits(path, split_seed=seed, dataset=str(path), **common)
+        return kdd.kdd_dagmm_splits(
+            path, split_seed=seed, dataset=str(path), preprocessing=preprocessing, **common
+        )
     if cifar.is_class_folder(path) or _is_archive(path):
         protocol = protocol or "one-class-normal"
         _check_protocol(protocol, IMAGE_PROTOCOLS, f"{path} (train/test class folders)")
@@ -160,6 +173,8 @@ def load_splits(
         split_seed=seed,
         label_column=label_column,
         symbolic_columns=symbolic_columns,
+        log_columns=log_columns,
+        preprocessing=preprocessing,
         **common,
     )
 
