@@ -246,10 +246,44 @@ def _mean_sd(values: list[float]) -> str:
     return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
 
 
+def read_rows(path: Path = RESULTS) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def model_labels(rows: list[dict]) -> list[str]:
+    order = [*GANS, *BASELINES]
+    return sorted({label(r) for r in rows}, key=lambda m: (order.index(m.split(" ")[0]), m))
+
+
+def kdd_table(rows: list[dict], title: str) -> list[str]:
+    """The kdd-dagmm rows of `rows`: one line per model, mean ± sd over its seeds."""
+    sel = [r for r in rows if r["dataset"] == "kddcup99"]
+    if not sel:
+        return []
+    out = [
+        f"### {title}",
+        "",
+        f"Published: {PUBLISHED['kddcup99', 'kdd-dagmm']}.",
+        "",
+        "| model | seeds | precision (top 20%) | recall (top 20%) | F1 (top 20%) | "
+        "AUROC | F1 at calibrated threshold |",
+        "|---" * 7 + "|",
+    ]
+    for model in model_labels(sel):
+        ms = [r["metrics"] for r in sel if label(r) == model]
+        out.append(
+            f"| {model} | {len(ms)} | {_mean_sd([m['top20_precision'] for m in ms])} | "
+            f"{_mean_sd([m['top20_recall'] for m in ms])} | "
+            f"{_mean_sd([m['top20_f1'] for m in ms])} | "
+            f"{_mean_sd([m['auroc'] for m in ms])} | {_mean_sd([m['f1'] for m in ms])} |"
+        )
+    return [*out, ""]
+
+
 def report() -> str:
     import numpy as np
 
-    rows = [json.loads(x) for x in RESULTS.read_text().splitlines() if x.strip()]
+    rows = read_rows()
     out = [
         "## Training benchmark",
         "",
@@ -265,8 +299,7 @@ def report() -> str:
         "official batches.",
         "",
     ]
-    order = [*GANS, *BASELINES]
-    models = sorted({label(r) for r in rows}, key=lambda m: (order.index(m.split(" ")[0]), m))
+    models = model_labels(rows)
     for dataset, protocol in (("mnist", "one-class-normal"), ("cifar10", "one-class-normal")):
         sel = [r for r in rows if r["dataset"] == dataset]
         if not sel:
@@ -292,27 +325,7 @@ def report() -> str:
                 note = f"{np.mean(means):.3f} ({len(means)}/10)"
                 out.append(f"| {model} | " + " | ".join(cells) + f" | {note} |")
         out += ["", "Cells: mean ± sample std over seeds where more than one seed ran.", ""]
-    sel = [r for r in rows if r["dataset"] == "kddcup99"]
-    if sel:
-        out += [
-            "### KDD Cup 99 (10%), kdd-dagmm protocol",
-            "",
-            f"Published: {PUBLISHED['kddcup99', 'kdd-dagmm']}.",
-            "",
-            "| model | seeds | precision (top 20%) | recall (top 20%) | F1 (top 20%) | "
-            "AUROC | F1 at calibrated threshold |",
-            "|---" * 7 + "|",
-        ]
-        for model in models:
-            ms = [r["metrics"] for r in sel if label(r) == model]
-            if ms:
-                out.append(
-                    f"| {model} | {len(ms)} | {_mean_sd([m['top20_precision'] for m in ms])} | "
-                    f"{_mean_sd([m['top20_recall'] for m in ms])} | "
-                    f"{_mean_sd([m['top20_f1'] for m in ms])} | "
-                    f"{_mean_sd([m['auroc'] for m in ms])} | {_mean_sd([m['f1'] for m in ms])} |"
-                )
-        out.append("")
+    out += kdd_table(rows, "KDD Cup 99 (10%), kdd-dagmm protocol")
     out += [
         "### Training time and peak memory",
         "",

@@ -141,6 +141,10 @@ def datasets(tmp_path):
         ),
         (["--dataset", "{d}/table.csv", "--log-columns", "a"], ["table.csv", "'a'", ">= 0"]),
         (["--dataset", "{d}/table.csv", "--log-columns", "size"], ["table.csv", "['size']"]),
+        (
+            ["--dataset", "mnist", "--data-root", "{d}/good", "--log-columns", "a"],
+            ["mnist", "tables only"],
+        ),
     ],
 )
 def test_train_data_errors_name_the_file_or_field(capsys, datasets, args, needles):

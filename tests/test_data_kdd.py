@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from sklearn.model_selection import train_test_split
 
-from gansentry.preprocessing import encode_columns, encode_record, fit_tabular
+from gansentry.preprocessing import encode_columns, encode_record
 from tests.data_factories import kdd_rows, make_kdd
 from training.data import DataError, load_splits
-from training.data.kdd import KDD_FIELDS, KDD_LOG_SCALED, KDD_NUMERIC, KDD_SYMBOLIC
+from training.data.kdd import KDD_COUNTS, KDD_FIELDS, KDD_NUMERIC, KDD_SYMBOLIC
 
 
 @pytest.fixture(autouse=True)
@@ -82,14 +82,7 @@ def test_kdd_dagmm_protocol(tmp_path, gz):
     np.testing.assert_allclose(s.train.max(axis=0)[varying], 1.0, atol=1e-6)
     src = s.input_spec.feature_names.index("src_bytes")
     assert s.test[s.test_labels == 1, src].max() > 1.5
-    # Counts, bytes and seconds are min-max scaled as log(1 + v); the rates as they are.
-    logged = [c.name for c in prep.columns if c.transform == "log1p"]
-    assert logged == KDD_LOG_SCALED and "src_bytes" in logged and "count" in logged
-    assert not any(name.endswith("_rate") for name in logged)
-    raw_src = np.log1p([float(rows[i][4]) for i in train])
-    np.testing.assert_allclose(
-        s.train[:, src], (raw_src - raw_src.min()) / np.ptp(raw_src), rtol=1e-5, atol=1e-6
-    )
+    assert all(c.transform == "none" for c in prep.columns)
     # The service encodes a raw record to the same vector.
     record = dict(zip(KDD_FIELDS, _columns([rows[test[0]]]).values(), strict=True))
     record = {k: v[0] for k, v in record.items()}
@@ -105,21 +98,38 @@ def test_kdd_split_is_deterministic_and_seedable(tmp_path):
     assert a.dataset == str(path) and not np.array_equal(a.train, c.train)
 
 
+def test_kdd_log_columns(tmp_path):
+    path = make_kdd(tmp_path / "kddcup.data_10_percent.gz", n=300)
+    s = load_splits(str(path), log_columns=["src_bytes", "count"])
+    prep = s.input_spec.preprocessing
+    assert [c.name for c in prep.columns if c.transform == "log1p"] == ["src_bytes", "count"]
+    train = [i for i, r in enumerate(kdd_rows(300)) if r[-1] != "normal."]
+    encoded = encode_columns(_columns(kdd_rows(300)), prep)
+    where = {h: i for i, h in enumerate(_hashes(encoded))}
+    rows = [where[h] for h in _hashes(s.train)]
+    assert set(rows) <= set(train)
+    raw_src = np.log1p([float(kdd_rows(300)[i][4]) for i in rows])
+    src = prep.feature_names().index("src_bytes")
+    np.testing.assert_allclose(
+        s.train[:, src], (raw_src - raw_src.min()) / np.ptp(raw_src), rtol=1e-5, atol=1e-6
+    )
+    assert "src_bytes" in KDD_COUNTS and "serror_rate" not in KDD_COUNTS
+    with pytest.raises(DataError, match=r"\['service'\] must be numeric KDD fields"):
+        load_splits(str(path), log_columns=["service"])
+
+
 def test_kdd_encoded_with_a_models_own_preprocessing(tmp_path):
-    """Evaluation passes the model's preprocessing: a model exported before KDD's counts
-    were log-scaled (min-max only) still gets the features it was trained on."""
+    """Evaluation passes the model's preprocessing: a model trained with log-scaled counts
+    is evaluated on log-scaled counts although the loader's default is min-max alone."""
     path = make_kdd(tmp_path / "kddcup.data_10_percent.gz", n=300)
     fitted = load_splits(str(path))
-    rows = kdd_rows(300)
-    vocab = {c.name: c.vocabulary for c in fitted.input_spec.preprocessing.columns if c.vocabulary}
-    old = fit_tabular(_columns(rows), KDD_SYMBOLIC, "minmax", vocabularies=vocab)
-    assert all(c.transform == "none" for c in old.columns)
-    s = load_splits(str(path), preprocessing=old)
-    assert s.input_spec.preprocessing is old
+    logged = load_splits(str(path), log_columns=KDD_COUNTS).input_spec.preprocessing
+    s = load_splits(str(path), preprocessing=logged)
+    assert s.input_spec.preprocessing is logged
     np.testing.assert_array_equal(s.test_labels, fitted.test_labels)
-    where = {h: i for i, h in enumerate(_hashes(encode_columns(_columns(rows), old)))}
+    rows = kdd_rows(300)
+    where = {h: i for i, h in enumerate(_hashes(encode_columns(_columns(rows), logged)))}
     assert all(h in where for h in _hashes(s.test))
-    # The old encoding differs from the fitted (log-scaled) one.
     assert not np.allclose(s.test, fitted.test)
 
 

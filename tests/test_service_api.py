@@ -307,6 +307,7 @@ async def test_models_endpoints_report_versions_and_providers(served) -> None:
         "name": "protocol",
         "kind": "symbolic",
         "vocabulary": ["icmp", "tcp", "udp"],
+        "transform": "none",
     }
     assert (await served.client.get("/models/nope")).status_code == 404
 

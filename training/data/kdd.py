@@ -70,10 +70,10 @@ KDD_SYMBOLIC = [
     "is_guest_login",
 ]
 KDD_NUMERIC = [f for f in KDD_FIELDS if f not in KDD_SYMBOLIC]
-# Counts, bytes and seconds (everything but the *_rate fractions) are heavy-tailed:
-# src_bytes runs to 7e8, so min-max alone maps a 54 kB `back` request and a 250 B normal
-# one both to ~0. Scaled as log(1 + v) the training GANs can tell them apart.
-KDD_LOG_SCALED = [f for f in KDD_NUMERIC if not f.endswith("_rate")]
+# The heavy-tailed counts, bytes and seconds (all but the *_rate fractions), which
+# `--log-columns` may name. Min-max alone stays the default: log-scaling all of them lowered
+# EGBAD's and MEMGAN's five-seed top-20% F1 (docs/benchmarks.md).
+KDD_COUNTS = [f for f in KDD_NUMERIC if not f.endswith("_rate")]
 KDD_NAMES = [
     "kddcup.data_10_percent.gz",
     "kddcup.data_10_percent",
@@ -159,15 +159,21 @@ def kdd_dagmm_splits(
     val_fraction: float,
     max_train: int | None,
     dataset: str,
+    log_columns: list[str] | None = None,
     preprocessing: TabularPreprocessing | None = None,
 ) -> Splits:
     """DAGMM/EGBAD protocol: "normal." traffic is the anomaly (label 1); a random 50/50
     split; train on the train half's non-anomalies (val carved from them); the test half
     subsampled to 20% anomalies; vocabularies from the whole file (the published 121-feature
-    encoding), min-max scaling (of log(1 + v) for counts, bytes and seconds) fitted on the
-    train split only."""
+    encoding), min-max scaling (of log(1 + v) for `log_columns`) fitted on the train split
+    only."""
     from sklearn.model_selection import train_test_split
 
+    bad = [c for c in log_columns or [] if c not in KDD_NUMERIC]
+    if bad:
+        raise DataError(
+            f"log-scaled column(s) {bad} must be numeric KDD fields, e.g. {', '.join(KDD_COUNTS)}"
+        )
     raw = load_kdd_raw(path)
     labels = (raw["label"] == ANOMALY_LABEL).astype(np.int64)
     n = len(labels)
@@ -191,7 +197,7 @@ def kdd_dagmm_splits(
         KDD_SYMBOLIC,
         "minmax",
         vocabularies=vocab,
-        log_columns=KDD_LOG_SCALED,
+        log_columns=log_columns or (),
     )
     try:
         train, val, test = (

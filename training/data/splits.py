@@ -82,7 +82,7 @@ def load_splits(
     `normal_class` picks the class by index or name. Under `one-class-anomalous` it names
     the ANOMALOUS class (as GANomaly's `--abnormal_class` does); `anomalous_class` says the
     same thing explicitly. `image_size` resizes square through the service's preprocessing;
-    tabular data ignores it. `log_columns` (users' tables) scales those numeric columns as
+    tabular data ignores it. `log_columns` (tables only) scales those numeric columns as
     log(1 + v). `preprocessing` encodes a table with a model's own fitted
     preprocessing instead of fitting one on the train split, so evaluation feeds a model
     the features it was trained on and is served. Raises DataError naming the file, field
@@ -111,11 +111,13 @@ def load_splits(
                 kdd.locate_kdd(root),
                 split_seed=seed,
                 dataset=name,
+                log_columns=log_columns,
                 preprocessing=preprocessing,
                 **common,
             )
         protocol = protocol or "one-class-normal"
         _check_protocol(protocol, IMAGE_PROTOCOLS, name)
+        _no_log_columns(log_columns, dataset)
         return _one_class(
             _load_labelled(name, root),
             protocol,
@@ -138,11 +140,17 @@ def load_splits(
         _check_protocol(protocol, ("kdd-dagmm",), str(path))
         seed = DEFAULT_SEEDS[protocol] if split_seed is None else split_seed
         return kdd.kdd_dagmm_splits(
-            path, split_seed=seed, dataset=str(path), preprocessing=preprocessing, **common
+            path,
+            split_seed=seed,
+            dataset=str(path),
+            log_columns=log_columns,
+            preprocessing=preprocessing,
+            **common,
         )
     if cifar.is_class_folder(path) or _is_archive(path):
         protocol = protocol or "one-class-normal"
         _check_protocol(protocol, IMAGE_PROTOCOLS, f"{path} (train/test class folders)")
+        _no_log_columns(log_columns, dataset)
         return _one_class(
             cifar.load_source(path),
             protocol,
@@ -163,6 +171,7 @@ def load_splits(
                 f"{path}: expected a normal/ folder (and optionally anomalous/), "
                 "or train/ and test/ class folders"
             )
+        _no_log_columns(log_columns, dataset)
         return custom.image_folder_splits(
             path, split_seed=seed, image_size=image_size, channels=channels, **common
         )
@@ -185,6 +194,11 @@ def _locate(name: str, root: Path) -> object:
     if name == "cifar10":
         return cifar.locate_cifar10(root)
     return idx.locate(name, root)
+
+
+def _no_log_columns(log_columns: list[str] | None, dataset: str) -> None:
+    if log_columns:
+        raise DataError(f"{dataset} holds images: --log-columns applies to tables only")
 
 
 def _one_class(
