@@ -276,17 +276,12 @@ def tabular_splits(
     def take(rows: np.ndarray) -> dict[str, np.ndarray]:
         return {n: v[rows] for n, v in columns.items()}
 
-    bad = [c for c in log_columns or [] if c not in columns or c in symbolic]
-    if bad:
-        raise DataError(
-            f"{path}: log-scaled column(s) {bad} must be numeric columns; columns: {list(columns)}"
-        )
     try:
         prep = preprocessing or fit_tabular(
             take(train), symbolic, "minmax", log_columns=log_columns or ()
         )
         x_train, x_val, x_test = (encode_columns(take(r), prep) for r in (train, val, test))
-    except InputError as e:
+    except ValueError as e:  # InputError included: a bad value, or a bad --log-columns name
         raise DataError(f"{path}: {e}") from e
     return Splits(
         train=x_train,
