@@ -103,12 +103,13 @@ def test_kdd_log_columns(tmp_path):
     s = load_splits(str(path), log_columns=["src_bytes", "count"])
     prep = s.input_spec.preprocessing
     assert [c.name for c in prep.columns if c.transform == "log1p"] == ["src_bytes", "count"]
-    train = [i for i, r in enumerate(kdd_rows(300)) if r[-1] != "normal."]
-    encoded = encode_columns(_columns(kdd_rows(300)), prep)
+    records = kdd_rows(300)
+    train = [i for i, r in enumerate(records) if r[-1] != "normal."]
+    encoded = encode_columns(_columns(records), prep)
     where = {h: i for i, h in enumerate(_hashes(encoded))}
     rows = [where[h] for h in _hashes(s.train)]
     assert set(rows) <= set(train)
-    raw_src = np.log1p([float(kdd_rows(300)[i][4]) for i in rows])
+    raw_src = np.log1p([float(records[i][4]) for i in rows])
     src = prep.feature_names().index("src_bytes")
     np.testing.assert_allclose(
         s.train[:, src], (raw_src - raw_src.min()) / np.ptp(raw_src), rtol=1e-5, atol=1e-6
