@@ -150,6 +150,7 @@ def test_epoch_hook_sees_every_epoch_and_leaves_training_alone(tmp_path):
 
     def hook(row, model):
         scorer = model.scorer().model  # a fresh copy: draws initial weights
+        scorer.fit_score(torch.as_tensor(tabular_splits().train, dtype=torch.float32))
         np.random.rand(3)
         seen.append((row, model.training, score_array(scorer, tabular_splits().test)[0]))
 

@@ -208,13 +208,14 @@ def _val_stats(model: AnomalyGAN, val: torch.Tensor, batch_size: int = 256) -> d
     with torch.no_grad():
         for i in range(0, len(val), batch_size):
             xb = val[i : i + batch_size]
-            scores.append(model.score(xb)[0])
+            if not model.score_is_fitted:
+                scores.append(model.score(xb)[0])
             metrics.append(model.selection_metric(xb))
     model.train()
-    return {
-        "val_score_mean": float(torch.cat(scores).mean()),
-        "val_selection_metric": float(torch.cat(metrics).mean()),
-    }
+    stats = {"val_selection_metric": float(torch.cat(metrics).mean())}
+    if scores:
+        stats["val_score_mean"] = float(torch.cat(scores).mean())
+    return stats
 
 
 def _run_epoch(

@@ -144,6 +144,12 @@ class AnomalyGAN(nn.Module, ABC):
         scores need nothing."""
         return False
 
+    @property
+    def score_is_fitted(self) -> bool:
+        """True if `score` depends on `fit_score`: before it, the score means nothing (or
+        cannot be computed), so training does not log it per epoch."""
+        return False
+
     def selection_metric(self, x: Tensor) -> Tensor:
         """Per-sample label-free quantity on validation normals; the epoch with the lowest
         mean is selected. Defaults to the score itself."""

@@ -102,6 +102,10 @@ class GANomaly(AnomalyGAN):
     def feature_scored(self) -> bool:
         return self.hparams["score_method"] == "feature-mahalanobis"
 
+    @property
+    def score_is_fitted(self) -> bool:
+        return self.feature_scored
+
     @torch.no_grad()
     def fit_score(self, train_x: Tensor, batch_size: int = 512) -> bool:
         """feature-mahalanobis: a Gaussian on the encoder's last hidden layer over the
