@@ -213,7 +213,10 @@ def test_egbad_knn_score_is_the_distance_to_the_nearest_training_code(tmp_path):
     copy = build_model("egbad", TABULAR, **h)
     copy.load_state_dict(model.state_dict())
     torch.testing.assert_close(copy.eval().score(x)[0], score)
-    assert export_onnx(model.scorer(), x[:5], tmp_path / "m.onnx") <= 1e-4
+    # Training rows themselves (distance ~0) are where a careless distance loses parity.
+    assert (
+        export_onnx(model.scorer(), torch.cat([x[:3], distinct[:3]]), tmp_path / "m.onnx") <= 1e-4
+    )
     # Above the cap, a fixed random subset of the distinct rows.
     capped = build_model("egbad", TABULAR, **{**h, "knn_max_reference": 5})
     capped.load_state_dict(model.state_dict())

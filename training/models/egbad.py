@@ -165,7 +165,10 @@ class EGBAD(AnomalyGAN):
             raise RuntimeError("score_method 'knn' needs fit_score(training normals) first")
         ref = self.knn_codes
         d2 = z.pow(2).sum(1, keepdim=True) - 2.0 * z @ ref.T + ref.pow(2).sum(1)
-        return d2.min(dim=1).values.clamp_min(0.0).sqrt()
+        # The expansion cancels catastrophically near 0 (a training row's own code), where
+        # PyTorch and ONNX Runtime then disagree: it only picks the neighbour.
+        nearest = ref[d2.argmin(dim=1)]
+        return (z - nearest).pow(2).sum(dim=1).sqrt()
 
     def score(self, x: Tensor) -> tuple[Tensor, Tensor]:
         w = self.hparams["score_weight"]
