@@ -45,7 +45,11 @@ def _scorer(arch: str, spec: ImageInput | TabularInput, seed: int):
     from training.models import build_model
 
     torch.manual_seed(seed)
-    return build_model(arch, spec).scorer()
+    model = build_model(arch, spec)
+    # As training does after selection: scores that need the normals (EGBAD's nearest code
+    # on tables) are fitted on them.
+    model.fit_score(torch.rand(64, *spec.shape, generator=torch.Generator().manual_seed(seed)))
+    return model.scorer()
 
 
 def export_model(

@@ -34,6 +34,11 @@ def batch(spec: ImageInput | TabularInput, n: int = 6) -> torch.Tensor:
     return torch.rand(n, *spec.shape, generator=g)
 
 
+def fit(model, spec: ImageInput | TabularInput) -> None:
+    """What training does after selection: fit the score on (other) normals, if it needs it."""
+    model.fit_score(torch.rand(16, *spec.shape, generator=torch.Generator().manual_seed(7)))
+
+
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 @pytest.mark.parametrize("spec", [IMAGE, RGB28, TABULAR], ids=["mnist32", "rgb28", "tabular"])
 def test_shapes_training_step_and_deterministic_score(arch, spec):
@@ -42,6 +47,7 @@ def test_shapes_training_step_and_deterministic_score(arch, spec):
     x = batch(spec)
     losses = model.training_step(x)
     assert losses and all(isinstance(v, float) and v == v for v in losses.values())
+    fit(model, spec)
     model.eval()
     with torch.no_grad():
         score, recon = model.score(x)
@@ -63,6 +69,7 @@ def test_onnx_export_parity(arch, spec, tmp_path):
     model = build_model(arch, spec, **small(arch, spec))
     for _ in range(2):
         model.training_step(batch(spec, 8))
+    fit(model, spec)
     scorer = model.scorer()
     assert not scorer.training
     rel = export_onnx(scorer, batch(spec, 5), tmp_path / "m.onnx")
@@ -75,6 +82,7 @@ def test_scorer_matches_model_score():
     torch.manual_seed(0)
     model = build_model("egbad", TABULAR, **small("egbad", TABULAR))
     model.training_step(batch(TABULAR, 8))
+    fit(model, TABULAR)
     model.eval()
     x = batch(TABULAR)
     with torch.no_grad():
