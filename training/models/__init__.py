@@ -108,7 +108,7 @@ _DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     #   E(x) to the nearest code of a distinct training row (`knn`) keeps them: epoch-6
     #   checkpoints of seeds 5-8 go from 0.938/0.950/0.957/0.936 (latent) to 0.985/0.989/
     #   0.985/0.982, and epoch 3, where the round trip fails on seeds 5 and 6 (0.72/0.79),
-    #   gives 0.989/0.987. The same 1-NN on raw inputs gives 0.971 (benchmark's `knn`).
+    #   gives 0.989/0.987 (benchmarks/notes.md). 1-NN on raw inputs: 0.971 (`knn` baseline).
     ("egbad", "tabular"): {
         **_ADAM,
         "lr": 1e-4,
