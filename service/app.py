@@ -18,14 +18,14 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 
 from gansentry import __version__
-from service.api import health, models, score, state
+from service.api import admin, health, models, score, state
 from service.api.errors import error_response
 from service.batching import create_batcher
 from service.batching.base import BatchingError
 from service.gc_tuning import settle_after_startup
 from service.inputs import InputsInvalid
 from service.providers import ProviderError
-from service.registry import ModelNotFound, Registry
+from service.registry import ModelNotFound, Registry, publish_model_info
 from service.schemas import ScoreRequest
 from service.security import BodyLimitMiddleware
 from service.settings import Settings
@@ -55,8 +55,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     except ProviderError as e:
         log.critical("cannot start: %s", e)
         raise
-    state.publish_model_info(registry)
+    publish_model_info(registry)
     batcher = create_batcher(settings, registry)
+    registry.routable = batcher.serves
     await batcher.start()
     settle_after_startup()
     app.state.registry = registry
@@ -99,6 +100,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(score.router, tags=["scoring"])
     app.include_router(models.router, tags=["models"])
     app.include_router(health.router, tags=["operations"])
+    app.include_router(admin.router, tags=["operations"])
     for exc in (InputsInvalid, ModelNotFound, BatchingError):
         app.add_exception_handler(exc, _handle)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]

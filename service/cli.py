@@ -37,6 +37,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=Path,
         help="file with one API key per line (GANSENTRY_API_KEYS_FILE)",
     )
+    serve.add_argument(
+        "--admin-keys-file",
+        type=Path,
+        help="file with one admin key per line, for /admin/* (GANSENTRY_ADMIN_KEYS_FILE); "
+        "without admin keys /admin/* answers only to loopback clients",
+    )
     serve.add_argument("--log-level", help="uvicorn log level (GANSENTRY_LOG_LEVEL, default info)")
     serve.add_argument(
         "--access-log", action="store_true", help="log every request (costs throughput)"
@@ -91,13 +97,15 @@ def settings_from_args(args: argparse.Namespace, extra: dict[str, str]) -> Any:
     }
     try:
         settings = Settings(**given)
-        _ = settings.keys  # reads the API key file now, not at the first request
+        # Read the key files now, not at the first request.
+        _ = settings.keys
+        _ = settings.admin_key_set
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise CliError(f"invalid setting {where}: {first['msg']}") from None
     except OSError as e:
-        raise CliError(f"cannot read the API keys file: {e}") from None
+        raise CliError(f"cannot read a keys file: {e}") from None
     if not Path(settings.models_dir).is_dir():
         raise CliError(f"models directory {settings.models_dir} does not exist")
     return settings
@@ -114,6 +122,7 @@ def run_serve(args: argparse.Namespace) -> int:
             "host": "host",
             "port": "port",
             "api_keys_file": "api_keys_file",
+            "admin_keys_file": "admin_keys_file",
             "log_level": "log_level",
         },
     )

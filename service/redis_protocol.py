@@ -27,6 +27,10 @@ PREFIX = "gansentry"
 GROUP = "workers"
 DLQ_STREAM = f"{PREFIX}:dlq"
 WORKER_KEY_PREFIX = f"{PREFIX}:worker:"
+# Pub/sub, not a stream: a notice only says "rescan the model repository now". A worker
+# that misses one (down, or reconnecting) rescans anyway when it starts or reconnects and
+# periodically (service/worker.py), so there is nothing to replay.
+RELOAD_CHANNEL = f"{PREFIX}:reload"
 DTYPE = "float32"
 
 
@@ -268,16 +272,20 @@ return redis.call('XADD', KEYS[1], 'MAXLEN', '~', bound, '*', unpack(ARGV, 2))
 # per entry its done key and reply list; ARGV: group, ttl, then per entry its id and
 # answer ('' = acknowledge only). The done key (SET NX) makes the answer exactly-once
 # even when two workers computed the same entry; the entry is acked and deleted in the
-# same step, so an acked entry always has its answer delivered.
+# same step, so an acked entry always has its answer delivered. Returns one flag per entry,
+# 1 where this call delivered the answer: a worker counts what it answered (an expired
+# entry, say) from these flags, not from what it meant to send, because another worker
+# may have answered the same request in the meantime.
 DELIVER_LUA = """
 local ttl = tonumber(ARGV[2])
-local delivered = 0
+local delivered = {}
 for i = 1, (#KEYS - 1) / 2 do
   local id, answer = ARGV[2 * i + 1], ARGV[2 * i + 2]
+  delivered[i] = 0
   if answer ~= '' and redis.call('SET', KEYS[2 * i], '1', 'NX', 'EX', ttl) then
     redis.call('RPUSH', KEYS[2 * i + 1], answer)
     redis.call('EXPIRE', KEYS[2 * i + 1], ttl)
-    delivered = delivered + 1
+    delivered[i] = 1
   end
   redis.call('XACK', KEYS[1], ARGV[1], id)
   redis.call('XDEL', KEYS[1], id)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -138,12 +139,18 @@ def load_model(directory: Path, settings: Settings) -> LoadedModel:
 
 @dataclass
 class Registry:
-    """All versions of all models. Reads are lock-free (a dict swap on reload)."""
+    """All versions of all models. Reads are lock-free (a dict swap on reload).
+
+    `routable` says whether the batching backend can compute a version now. "Latest" is
+    the highest version that is both loaded here and routable: through Redis a version
+    this API just loaded is routable only once a live worker advertises it, so a reload
+    never sends unpinned requests to a version no worker serves yet."""
 
     models_dir: Path
     settings: Settings
     models: dict[str, dict[int, LoadedModel]] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
+    routable: Callable[[ModelRef], bool] | None = field(default=None, repr=False)
     _reload_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def load(self) -> Registry:
@@ -200,12 +207,31 @@ class Registry:
         if not versions:
             raise ModelNotFound(f"unknown model {name!r}; serving {sorted(self.models) or 'none'}")
         if version is None:
-            return versions[max(versions)]
+            return versions[self._latest(versions)]
         if version not in versions:
             raise ModelNotFound(
                 f"model {name!r} has no version {version}; versions are {sorted(versions)}"
             )
         return versions[version]
 
+    def _latest(self, versions: dict[int, LoadedModel]) -> int:
+        """The highest routable version; the highest loaded one when none is routable
+        (the backend then refuses it with a message saying why)."""
+        if self.routable is not None:
+            ready = [v for v, m in versions.items() if self.routable(m.ref)]
+            if ready:
+                return max(ready)
+        return max(versions)
+
     def all(self) -> list[LoadedModel]:
         return [m for name in sorted(self.models) for _, m in sorted(self.models[name].items())]
+
+
+def publish_model_info(registry: Registry) -> None:
+    """One `gansentry_model_info` series per served version; stale label sets from before
+    a reload go. The API and the workers both call this after loading or reloading."""
+    metrics.MODEL_INFO.clear()
+    for m in registry.all():
+        metrics.MODEL_INFO.labels(
+            m.ref.name, str(m.ref.version), m.manifest.architecture, m.provider
+        ).set(1)

@@ -1,4 +1,4 @@
-"""Optional API keys (`X-API-Key`) and the request-body limit.
+"""Optional API keys (`X-API-Key`), admin access, and the request-body limit.
 
 Keys are compared with `hmac.compare_digest` against every configured key, so the time a
 check takes does not reveal how much of a guess matched or which key it was close to."""
@@ -6,6 +6,7 @@ check takes does not reveal how much of a guess matched or which key it was clos
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
 
 from fastapi import HTTPException, Request
@@ -33,6 +34,50 @@ async def require_api_key(request: Request) -> None:
         raise HTTPException(401, f"missing {API_KEY_HEADER} header", {"WWW-Authenticate": "ApiKey"})
     if not key_matches(given, keys):
         raise HTTPException(401, f"invalid {API_KEY_HEADER}", {"WWW-Authenticate": "ApiKey"})
+
+
+async def require_admin(request: Request) -> None:
+    """FastAPI dependency for /admin/*. Reloading is an operator's act, not a client's, so
+    the scoring keys never open it. With admin keys set, `X-API-Key` must hold one of
+    them; without, only loopback clients get in, which on a host (`gansentry serve` on
+    0.0.0.0) means the operator's shell. uvicorn puts the address from X-Forwarded-For in
+    place of a trusted proxy's (FORWARDED_ALLOW_IPS, default 127.0.0.1), so a reverse proxy
+    on the same host that sends it does not make every client look local."""
+    settings = request.app.state.settings
+    keys: frozenset[str] = settings.admin_key_set
+    if keys:
+        given = request.headers.get(API_KEY_HEADER)
+        if given is None:
+            raise HTTPException(
+                401,
+                f"admin endpoints need an admin key in {API_KEY_HEADER} (GANSENTRY_ADMIN_KEYS)",
+                {"WWW-Authenticate": "ApiKey"},
+            )
+        if not key_matches(given, keys):
+            raise HTTPException(
+                401,
+                f"{API_KEY_HEADER} is not an admin key; scoring keys do not open admin "
+                "endpoints (GANSENTRY_ADMIN_KEYS)",
+                {"WWW-Authenticate": "ApiKey"},
+            )
+        return
+    host = request.client.host if request.client else None
+    if not is_loopback(host):
+        raise HTTPException(
+            403,
+            "admin endpoints answer only to loopback clients while GANSENTRY_ADMIN_KEYS is "
+            f"not set (this request came from {host or 'an unknown address'}); set admin "
+            f"keys and send one in {API_KEY_HEADER}, or use SIGHUP to reload",
+        )
+
+
+def is_loopback(host: str | None) -> bool:
+    try:
+        address = ipaddress.ip_address(host or "")
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 class BodyLimitMiddleware:

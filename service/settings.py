@@ -39,6 +39,9 @@ class Settings(BaseSettings):
 
     api_keys: str = Field("", description="comma-separated; empty = no auth")
     api_keys_file: Path | None = Field(None, description="one key per line")
+    # /admin/* takes only these keys (never the scoring keys); none set: loopback only.
+    admin_keys: str = Field("", description="comma-separated; empty = loopback clients only")
+    admin_keys_file: Path | None = Field(None, description="one key per line")
 
     redis_url: str | None = None
     redis_stream_maxlen: int = Field(10_000, ge=1, description="queued entries per model")
@@ -51,11 +54,12 @@ class Settings(BaseSettings):
 
     @cached_property
     def keys(self) -> frozenset[str]:
-        keys = {k.strip() for k in self.api_keys.split(",") if k.strip()}
-        if self.api_keys_file is not None:
-            text = self.api_keys_file.read_text()
-            keys |= {line.strip() for line in text.splitlines() if line.strip()}
-        return frozenset(keys)
+        """The scoring keys (`X-API-Key` on every route but /admin/* and the probes)."""
+        return _read_keys(self.api_keys, self.api_keys_file)
+
+    @cached_property
+    def admin_key_set(self) -> frozenset[str]:
+        return _read_keys(self.admin_keys, self.admin_keys_file)
 
     def ort_threads(self) -> int:
         if self.intra_op_threads:
@@ -64,3 +68,10 @@ class Settings(BaseSettings):
             return len(os.sched_getaffinity(0))
         except AttributeError:
             return os.cpu_count() or 1
+
+
+def _read_keys(inline: str, file: Path | None) -> frozenset[str]:
+    keys = {k.strip() for k in inline.split(",") if k.strip()}
+    if file is not None:
+        keys |= {line.strip() for line in file.read_text().splitlines() if line.strip()}
+    return frozenset(keys)

@@ -10,7 +10,12 @@ with an error and moved to the dead-letter stream instead of being tried again.
 The loop is synchronous on purpose: reading, computing and answering one batch at a time
 leaves nothing half-done in memory when SIGTERM arrives, and entries that arrive while a
 batch computes simply wait in the stream and form the next batch. Heartbeats run in a
-thread so a long batch does not make the worker look dead."""
+thread so a long batch does not make the worker look dead.
+
+Reloads run in a thread too, so a worker keeps answering while it loads a new version:
+on SIGHUP, on a reload notice the API publishes after its own reload (RELOAD_CHANNEL),
+and every RELOAD_INTERVAL_S in case a notice was missed. The heartbeat advertises the
+new version as soon as it is loaded, and the API routes "latest" to it only then."""
 
 from __future__ import annotations
 
@@ -45,6 +50,7 @@ from service.redis_protocol import (
     GROUP,
     INFERENCE,
     POISON,
+    RELOAD_CHANNEL,
     Envelope,
     Heartbeat,
     ProtocolError,
@@ -58,7 +64,7 @@ from service.redis_protocol import (
     stream_key,
     worker_key,
 )
-from service.registry import LoadedModel, Registry
+from service.registry import LoadedModel, Registry, publish_model_info
 from service.settings import Settings
 
 log = logging.getLogger("gansentry.worker")
@@ -86,6 +92,7 @@ class Entry:
 class Job:
     entry: Entry
     request: Request
+    model: LoadedModel  # resolved once: a reload may drop the version while it computes
 
 
 @dataclass
@@ -93,6 +100,7 @@ class Answer:
     entry: Entry
     envelope: Envelope | None  # None: nobody to answer, acknowledge only
     body: bytes  # b"": acknowledge only
+    expired: bool = False  # a deadline error: counted as expired only if delivered
 
 
 def redis_client(url: str) -> redis.Redis:
@@ -117,12 +125,18 @@ class Worker:
         self._deliver = self.redis.register_script(DELIVER_LUA)
         self._stop = threading.Event()
         self._beat_now = threading.Event()
+        self._reload_now = threading.Event()
+        self._reload_why = "periodic"
         self._groups_ready = False
-        self._claim_every = min(settings.redis_claim_idle_ms / 2000.0, 1.0)
+        self._claim_idle_s = settings.redis_claim_idle_ms / 1000.0
+        self._claim_every = min(self._claim_idle_s / 2, 1.0)
         self._last_claim = 0.0
-        self._last_reload = time.monotonic()
         self._started_at = time.time()
-        self._heartbeat = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
+        self._threads = [
+            threading.Thread(target=self._beat, name="heartbeat", daemon=True),
+            threading.Thread(target=self._reloads, name="reload", daemon=True),
+            threading.Thread(target=self._listen, name="reload-notices", daemon=True),
+        ]
 
     # --- lifecycle
 
@@ -130,10 +144,18 @@ class Worker:
         """Finish the current batch, answer and acknowledge it, then return from run()."""
         self._stop.set()
         self._beat_now.set()
+        self._reload_now.set()
+
+    def request_reload(self, why: str) -> None:
+        """Rescan the model repository in the reload thread. Safe in a signal handler: it
+        only sets an event (the reload thread does the logging)."""
+        self._reload_why = why
+        self._reload_now.set()
 
     def run(self) -> int:
-        self._export_model_info()
-        self._heartbeat.start()
+        publish_model_info(self.registry)
+        for thread in self._threads:
+            thread.start()
         log.info(
             "worker %s serving %s from redis, batches of up to %d items within %g ms",
             self.name,
@@ -151,7 +173,6 @@ class Worker:
                 entries += self._read()
                 if entries:
                     self._process(entries)
-                self._maybe_reload()
                 if down:
                     log.info("worker %s reconnected to redis", self.name)
                     self._beat_now.set()  # a restarted Redis lost the heartbeat key
@@ -174,7 +195,8 @@ class Worker:
                 log.exception("worker loop failed; continuing")
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 2.0)
-        self._heartbeat.join(timeout=5)
+        for thread in self._threads:
+            thread.join(timeout=5)
         log.info("worker %s stopped", self.name)
         return 0
 
@@ -192,21 +214,63 @@ class Worker:
                     raise
         self._groups_ready = True
 
-    def _maybe_reload(self) -> None:
-        if time.monotonic() - self._last_reload < RELOAD_INTERVAL_S:
-            return
-        self._last_reload = time.monotonic()
+    # --- reloads
+
+    def _reloads(self) -> None:
+        """The reload thread: the main loop keeps reading and computing while a new
+        version loads (and runs its test inference)."""
+        while True:
+            asked = self._reload_now.wait(RELOAD_INTERVAL_S)
+            if self._stop.is_set():
+                return
+            self._reload_now.clear()
+            why = self._reload_why if asked else "periodic"
+            self._reload_why = "periodic"
+            if why != "periodic":
+                log.info("%s: reloading models from %s", why, self.settings.models_dir)
+            try:
+                self._reload()
+            except Exception:
+                log.exception("reloading the model repository failed; the loaded models serve")
+
+    def _reload(self) -> None:
+        """Registry.reload logs what it serves and what it refused."""
         before = set(self._streams())
         self.registry.reload()
-        if set(self._streams()) != before:
-            self._groups_ready = False
-            self._export_model_info()
+        after = set(self._streams())
+        if after != before:
+            publish_model_info(self.registry)
+            # Groups before the heartbeat: once the API sees the new version it queues
+            # to it. (Entries queued before the group exists are read anyway: id 0.)
+            try:
+                self._ensure_groups()
+            except (*CONNECTION_ERRORS, ResponseError):
+                self._groups_ready = False  # the main loop retries
+            self._beat_now.set()
 
-    def _export_model_info(self) -> None:
-        for m in self.registry.all():
-            metrics.MODEL_INFO.labels(
-                m.ref.name, str(m.ref.version), m.manifest.architecture, m.provider
-            ).set(1)
+    def _listen(self) -> None:
+        """Reload notices from the API. After a lost connection the worker rescans at
+        once: a notice sent meanwhile is gone (pub/sub keeps nothing)."""
+        backoff, missed = 0.1, False
+        while not self._stop.is_set():
+            client = redis_client(self.settings.redis_url or "")
+            pubsub = client.pubsub(ignore_subscribe_messages=True)
+            try:
+                pubsub.subscribe(RELOAD_CHANNEL)
+                if missed:
+                    self.request_reload("reconnected to redis")
+                backoff = 0.1
+                while not self._stop.is_set():
+                    if pubsub.get_message(timeout=READ_BLOCK_MS / 1000) is not None:
+                        self.request_reload("reload notice")
+            except CONNECTION_ERRORS:
+                missed = True
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 2.0)
+            finally:
+                with contextlib.suppress(*CONNECTION_ERRORS):
+                    pubsub.close()
+                client.close()
 
     def _beat(self) -> None:
         client = redis_client(self.settings.redis_url or "")
@@ -332,7 +396,13 @@ class Worker:
         answers: list[Answer] = []
         dead: list[tuple[Entry, str, str]] = []
         jobs: dict[ModelRef, list[Job]] = defaultdict(list)
-        already = self._already_answered([e for e in entries if e.reclaimed and e.fields])
+        # Another worker may have answered an entry this one took: one it reclaimed, or one
+        # it held past the claim timeout (it was slow, or stopped with SIGSTOP), which
+        # another worker could claim meanwhile. Those are acknowledged, not recomputed.
+        held_long = now - self._claim_idle_s / 2
+        already = self._already_answered(
+            [e for e in entries if e.fields and (e.reclaimed or e.received <= held_long)]
+        )
         for entry in entries:
             label = entry.model.name
             if entry.fields is None:
@@ -360,9 +430,9 @@ class Worker:
                 answers.append(Answer(entry, env, encode_error(env.request_id, POISON, message)))
                 continue
             if env.deadline <= now:
-                metrics.EXPIRED.labels(label).inc()
                 message = "deadline passed while queued; not computed"
-                answers.append(Answer(entry, env, encode_error(env.request_id, DEADLINE, message)))
+                body = encode_error(env.request_id, DEADLINE, message)
+                answers.append(Answer(entry, env, body, expired=True))
                 continue
             try:
                 model = self.registry.get(entry.model.name, entry.model.version)
@@ -372,11 +442,11 @@ class Worker:
                 dead.append((entry, BAD_INPUT, str(e)))
                 answers.append(Answer(entry, env, encode_error(env.request_id, BAD_INPUT, str(e))))
                 continue
-            jobs[entry.model].append(Job(entry, request))
+            jobs[entry.model].append(Job(entry, request, model))
         self._dead_letter(dead)
         self._send(answers)
-        for ref, model_jobs in jobs.items():
-            model = self.registry.get(ref.name, ref.version)
+        for model_jobs in jobs.values():
+            model = model_jobs[0].model
             for chunk in _chunks(model_jobs, self.max_batch):
                 self._send(self._compute(model, chunk))
 
@@ -452,7 +522,15 @@ class Worker:
                 reply = a.envelope.reply_to if a.envelope else f"{stream}:unanswerable"
                 keys += [done_key(rid), reply]
                 args += [a.entry.entry_id, a.body if a.envelope else b""]
-            self._deliver(keys=keys, args=args)
+            delivered = self._deliver(keys=keys, args=args)
+            for a, flag in zip(group, delivered, strict=True):
+                if not (a.envelope and a.body):
+                    continue  # acknowledge only
+                label = a.entry.model.name
+                if not flag:  # another worker answered this request first
+                    metrics.DUPLICATES.labels(label).inc()
+                elif a.expired:
+                    metrics.EXPIRED.labels(label).inc()
 
     def _dead_letter(self, dead: list[tuple[Entry, str, str]]) -> None:
         if not dead:
@@ -550,6 +628,7 @@ def run_worker(settings: Settings) -> int:
             raise CliError(f"--metrics-port {settings.worker_metrics_port}: {e}") from e
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: worker.stop())
+    signal.signal(signal.SIGHUP, lambda *_: worker.request_reload("SIGHUP"))
     return worker.run()
 
 

@@ -302,7 +302,9 @@ def start_worker(tmp_path: Path) -> Iterator:
 class ApiProcess:
     """`gansentry serve` as a real subprocess (uvicorn, real HTTP)."""
 
-    def __init__(self, models_dir: Path, log_dir: Path, **settings: object) -> None:
+    def __init__(
+        self, models_dir: Path, log_dir: Path, host: str = "127.0.0.1", **settings: object
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log_dir / f"api-{self.port}.log"
@@ -313,7 +315,7 @@ class ApiProcess:
             sys.executable,
             "-m", "gansentry.cli",
             "serve",
-            "--host", "127.0.0.1",
+            "--host", host,
             "--port", str(self.port),
             "--models-dir", str(models_dir),
             "--providers", "cpu",

@@ -1,4 +1,5 @@
-"""The model repository over HTTP: what is served, by which provider, and reloading it."""
+"""The model repository over HTTP: what is served and by which provider (reloading it is
+in service/api/admin.py, behind admin access)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from fastapi import APIRouter, Depends, Request
 
 from service.api import state
 from service.registry import LoadedModel, ModelNotFound
-from service.schemas import ErrorResponse, ModelInfo, ModelList, ReloadResponse
+from service.schemas import ErrorResponse, ModelInfo, ModelList
 from service.security import require_api_key
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
@@ -57,16 +58,3 @@ async def get_model(name: str, request: Request) -> dict:
     if not versions:
         raise ModelNotFound(f"unknown model {name!r}")
     return model_info(name, versions)
-
-
-@router.post(
-    "/admin/reload",
-    response_model=ReloadResponse,
-    summary="Rescan the model repository (also on SIGHUP)",
-)
-async def reload(request: Request) -> dict:
-    """Loads new and changed versions. A version that fails to load is reported in
-    `errors`; if an older copy of it was serving, that copy keeps serving."""
-    errors = await state.reload_models(request.app)
-    registry = state.registry(request)
-    return {"loaded": [m.ref.key for m in registry.all()], "errors": errors}

@@ -8,10 +8,9 @@ import logging
 
 from fastapi import FastAPI, Request
 
-from service import metrics
 from service.batching.base import Batcher
 from service.providers import ProviderError
-from service.registry import Registry
+from service.registry import Registry, publish_model_info
 
 log = logging.getLogger(__name__)
 
@@ -24,17 +23,9 @@ def batcher(request: Request) -> Batcher:
     return request.app.state.batcher
 
 
-def publish_model_info(reg: Registry) -> None:
-    """One info series per served version; stale label sets from before a reload go."""
-    metrics.MODEL_INFO.clear()
-    for m in reg.all():
-        metrics.MODEL_INFO.labels(
-            m.ref.name, str(m.ref.version), m.manifest.architecture, m.provider
-        ).set(1)
-
-
 async def reload_models(app: FastAPI) -> dict[str, str]:
-    """Rescan the repository off the event loop; requests keep being served meanwhile."""
+    """Rescan the repository off the event loop; requests keep being served meanwhile.
+    Then tell the batching backend, which passes the reload on to its workers (Redis)."""
     reg: Registry = app.state.registry
     async with app.state.reload_lock:
         try:
@@ -43,4 +34,6 @@ async def reload_models(app: FastAPI) -> dict[str, str]:
             log.error("reload refused, the loaded models keep serving: %s", e)
             return {"*": str(e)}
         publish_model_info(reg)
+        batching: Batcher = app.state.batcher
+        await batching.models_reloaded()
     return errors

@@ -77,3 +77,14 @@ class Batcher(Protocol):
     async def ready(self) -> tuple[bool, str]:
         """(ready, reason): the backend can take requests now."""
         ...
+
+    def serves(self, model: ModelRef) -> bool:
+        """Whether the backend can compute this model version now; the registry routes
+        "latest" only to versions it serves. Called per request: no I/O."""
+        ...
+
+    async def models_reloaded(self) -> None:
+        """The API reloaded its model repository: pass it on to whatever computes (the
+        Redis workers). Never raises for an unreachable backend: workers rescan by
+        themselves too."""
+        ...

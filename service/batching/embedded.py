@@ -119,6 +119,12 @@ class EmbeddedBatcher:
             return False, f"batching stopped for {', '.join(dead)}"
         return True, "embedded batcher running"
 
+    def serves(self, model: ModelRef) -> bool:
+        return True  # computes with this process's registry: whatever it loaded
+
+    async def models_reloaded(self) -> None:
+        return None
+
     async def submit(
         self, model: ModelRef, x: np.ndarray, deadline: float, reconstruction: bool = True
     ) -> Scored:

@@ -38,6 +38,7 @@ from service.batching.base import (
 from service.redis_protocol import (
     ENQUEUE_LUA,
     GROUP,
+    RELOAD_CHANNEL,
     WORKER_KEY_PREFIX,
     Heartbeat,
     ProtocolError,
@@ -156,6 +157,23 @@ class RedisBatcher:
         if not self._workers:
             return False, f"no live gansentry worker (no {WORKER_KEY_PREFIX}* key in Redis)"
         return True, f"redis at {self.where}, {len(self._workers)} worker(s) alive"
+
+    def serves(self, model: ModelRef) -> bool:
+        """A live worker advertised this version in its last heartbeat (as of the last
+        refresh, at most MONITOR_INTERVAL_S old)."""
+        return model.key in self._served
+
+    async def models_reloaded(self) -> None:
+        """Workers subscribed to RELOAD_CHANNEL rescan at once; each advertises the new
+        versions in a heartbeat right after loading them, and `serves` (hence "latest")
+        follows at the next refresh. Until then the previous version keeps serving."""
+        if self._redis is None:
+            return
+        try:
+            listeners = await self._redis.publish(RELOAD_CHANNEL, self.api_id)
+            log.info("reload notice sent to %d worker(s)", listeners)
+        except (*CONNECTION_ERRORS, RedisError) as e:
+            log.warning("could not send the reload notice (%s); workers rescan by themselves", e)
 
     async def submit(
         self, model: ModelRef, x: np.ndarray, deadline: float, reconstruction: bool = True
