@@ -110,6 +110,8 @@ def test_an_unreadable_admin_keys_file_stops_start_up(
     model_repo: ModelRepo, tmp_path: Path
 ) -> None:
     api = ApiProcess(model_repo.root, tmp_path, admin_keys_file=tmp_path / "missing")
-    assert api.process.wait(60) != 0
-    api.stop()
+    try:
+        assert api.process.wait(60) != 0
+    finally:
+        api.stop()
     assert "cannot read a keys file" in api.log.read_text()
