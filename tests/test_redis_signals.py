@@ -110,7 +110,7 @@ def test_resumed_sigstopped_worker_counts_no_expiry_for_entries_answered_by_anot
     stream = stream_key(ref)
     r = redis_server.client()
     victim = start_worker(
-        redis_server.url, models, "victim", **{**FAST, "max_batch_delay_ms": 1500}
+        redis_server.url, models, "victim", **{**FAST, "max_batch_delay_ms": 3000}
     ).wait_alive()
     rescuer = start_worker(redis_server.url, models, "rescuer", **FAST).wait_alive()
     os.kill(rescuer.process.pid, signal.SIGSTOP)
