@@ -37,7 +37,8 @@ DESCRIPTION = """Anomaly scores from GAN models exported to ONNX.
 `POST /score` takes base64 images, arrays in the model's input shape, or raw tabular
 records (JSON), or `image` file uploads (multipart). `GET /models` lists what is served.
 Send `X-API-Key` when the server is configured with keys; `/healthz`, `/readyz` and
-`/metrics` are open.
+`/metrics` are open. `/admin/*` takes only admin keys (`GANSENTRY_ADMIN_KEYS`), and answers
+only to loopback clients when none are set.
 
 Errors: every input is checked before any is queued, and one bad input fails its whole
 request with 422 and a message naming it (`inputs[2]: expected array of shape [1, 32, 32],

@@ -17,6 +17,7 @@ router = APIRouter(dependencies=[Depends(require_admin)])
     response_model=ReloadResponse,
     responses={401: {"model": ErrorResponse}, 403: {"model": ErrorResponse}},
     summary="Rescan the model repository (also on SIGHUP); admin keys or loopback only",
+    openapi_extra={"security": [{"APIKeyHeader": []}]},
 )
 async def reload(request: Request) -> dict:
     """Loads new and changed versions, then tells the Redis workers to do the same. A
