@@ -109,3 +109,23 @@ async def test_broken_model_is_refused_at_start_while_others_serve(
         )
         assert r.status_code == 404
         assert (await score(s)).status_code == 200
+
+
+def test_latest_is_the_highest_version_the_backend_serves(model_repo: ModelRepo) -> None:
+    """Through Redis a version the API just loaded is not "latest" until a live worker
+    serves it; a pinned version is served as asked; with no version routable, the highest
+    loaded one is returned and the backend refuses it with its own message."""
+    from service.registry import Registry
+    from service.settings import Settings
+
+    settings = Settings(models_dir=model_repo.root, providers="cpu", intra_op_threads=1)
+    registry = Registry(model_repo.root, settings).load()
+    assert registry.get(IMAGE_MODEL).ref.version == 2
+    served = {f"{IMAGE_MODEL}:1"}
+    registry.routable = lambda ref: ref.key in served
+    assert registry.get(IMAGE_MODEL).ref.version == 1
+    assert registry.get(IMAGE_MODEL, 2).ref.version == 2
+    served.add(f"{IMAGE_MODEL}:2")
+    assert registry.get(IMAGE_MODEL).ref.version == 2
+    served.clear()
+    assert registry.get(IMAGE_MODEL).ref.version == 2
