@@ -215,3 +215,20 @@ def test_score_never_imports_torch(tmp_path, model_repo: ModelRepo):
     assert proc.returncode == 0, proc.stderr
     assert "TORCH False 0" in proc.stdout, proc.stdout + proc.stderr
     assert len(read_scores(tmp_path / "s.csv")) == 2
+
+
+def test_undecodable_image_is_named(capsys, tmp_path, model_repo: ModelRepo):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(_png(1, (28, 28), "L"))
+    (folder / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    model_dir = model_repo.root / IMAGE_MODEL / "1"
+    code, _, err = score_cli(capsys, model_dir, folder, "--out", tmp_path / "s.csv")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "b.png: cannot decode image" in err
+    code, out, err = score_cli(
+        capsys, model_dir, folder, "--out", tmp_path / "s.csv", "--skip-bad-rows"
+    )
+    assert code == 1 and "b.png" in err
+    got = read_scores(tmp_path / "s.csv")
+    assert [g["file"] for g in got] == ["a.png"] and list(got[0]) == ["file", "score", "is_anomaly"]
