@@ -229,3 +229,28 @@ def test_cli_test_on_public_dataset_is_one_error_line(capsys, tmp_path):
         "--out", tmp_path / "r2",
     )  # fmt: skip
     assert code == 2 and "--val-fraction must be between 0 and 0.5" in err
+
+
+def test_cli_image_folder_with_test_folder_exports_after_both_are_gone(
+    capsys, tmp_path, monkeypatch
+):
+    import shutil
+
+    folder = make_image_folder(tmp_path / "parts", n_normal=30, n_anomalous=4)
+    held = make_image_folder(tmp_path / "held", n_normal=6, n_anomalous=5, seed=1)
+    code, out, err = run_cli(
+        capsys, "train", "--model", "ganomaly", "--dataset", folder, "--test", held,
+        "--image-size", "16", "--hparam", "width=8", "--hparam", "latent_dim=8",
+        "--out", tmp_path / "run", *TINY_EGBAD,
+    )  # fmt: skip
+    assert code == 0, err
+    assert "data: 27 train, 3 validation, 6 test normal, 5 test anomalous" in err
+    assert "4 anomalous images" in err and "not used" in err
+    shutil.rmtree(folder)
+    shutil.rmtree(held)
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(capsys, "export", "run", "--models-dir", "m", "--name", "parts")
+    assert code == 0, err
+    manifest = Manifest.load(Path(out.strip()))
+    assert manifest.metrics["n_test"] == 11 and manifest.metrics["auroc"] is not None
+    assert manifest.metrics_note is None
