@@ -187,14 +187,18 @@ def _fit_key(value: object) -> CategoryKey:
 
 
 def _vocabulary(values: Sequence[object] | np.ndarray) -> list[str]:
-    """Distinct categories of a training column, one per canonical key: text as written,
-    numbers and booleans in `category_text` form."""
+    """Distinct categories of a training column: every distinct text as written (a file
+    that wrote both "01" and "1" has two categories), and each number or boolean that no
+    text already means, in `category_text` form."""
     distinct = set(values.tolist() if isinstance(values, np.ndarray) else values)
-    texts: dict[CategoryKey, str] = {}
-    for v in sorted(distinct, key=lambda v: (not isinstance(v, str), str(v))):
-        key = _fit_key(v)
-        texts.setdefault(key, v if isinstance(v, str) else category_text(key))
-    return sorted(texts.values())
+    texts = {v for v in distinct if isinstance(v, str)}
+    _, by_key = _vocab_index(tuple(sorted(texts)))
+    for v in distinct:
+        if not isinstance(v, str):
+            key = _fit_key(v)
+            if key not in by_key:
+                texts.add(category_text(key))
+    return sorted(texts)
 
 
 @lru_cache(maxsize=1024)
