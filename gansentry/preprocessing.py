@@ -460,63 +460,81 @@ def screen_record(record: Mapping[str, object], prep: TabularPreprocessing) -> S
     if unknown:
         raise InputError(f"unknown field(s): {', '.join(map(str, unknown))}")
     x = list(layout.base)
+    offset, scale, lo, hi = layout.offset, layout.scale, layout.lo, layout.hi
     problems: list[ValueProblem] = []
     for slot in layout.slots:
         name = slot.name
         if name not in record:
             raise InputError(f"missing field {name!r}")
         v = record[name]
-        if isinstance(v, np.generic):
-            v = v.item()
+        kind = type(v)
         if isinstance(slot, _SymbolicSlot):
-            if category_key(v) is None or isinstance(v, float) and math.isinf(v):
-                problems.append(
-                    ValueProblem(
-                        name, v, "wrong_type", "is not a category (a string, number or boolean)"
-                    )
-                )
-                continue
-            i = _slot(v, slot.exact, slot.by_key)
+            # Fast paths for what clients send (text, integers); the rest in _category.
+            if kind is str:
+                i = slot.exact.get(v)  # type: ignore[call-overload]
+            elif kind is int:
+                i = slot.by_key.get(("num", v))
+            else:
+                i = None
             if i is None:
-                known = ", ".join(slot.vocabulary[:8]) + (
-                    f", ... ({len(slot.vocabulary)} in all)" if len(slot.vocabulary) > 8 else ""
-                )
-                problems.append(
-                    ValueProblem(
-                        name, v, "unknown_category", f"is not a category seen in training ({known})"
-                    )
-                )
-                continue
+                i = _category(name, v, slot, problems)
+                if i is None:
+                    continue
             j = slot.at + i
-            x[j] = (1.0 - layout.offset[j]) / layout.scale[j]
+            x[j] = (1.0 - offset[j]) / scale[j]
             continue
-        if isinstance(v, bool) or not isinstance(v, int | float):
-            raise InputError(f"field {name!r} must be a number, got {type(v).__name__}")
-        if isinstance(v, float) and not math.isfinite(v):
+        if kind is not float and kind is not int:
+            v = _number(name, v)
+        if v != v or v == math.inf or v == -math.inf:
             raise InputError(f"field {name!r} is NaN or Inf")
         j = slot.at
-        if abs(v) > FLOAT32_MAX:  # also huge integers, without converting them to float
+        if not -FLOAT32_MAX <= v <= FLOAT32_MAX:  # huge integers too, never made a float
             problems.append(ValueProblem(name, v, "out_of_range", "does not fit in a 32-bit float"))
-            x[j] = layout.hi if v > 0 else layout.lo
+            x[j] = hi if v > 0 else lo  # type: ignore[operator]
             continue
-        t = float(v)
+        t = float(v)  # type: ignore[arg-type]
         if slot.log1p:
             if t < 0:
                 raise InputError(f"field {name!r} is log-scaled and needs values >= 0, got {t:g}")
             t = float(np.log1p(t))
-        f = (t - layout.offset[j]) / layout.scale[j]
-        if not layout.lo <= f <= layout.hi:
-            problems.append(
-                ValueProblem(
-                    name,
-                    v,
-                    "out_of_range",
-                    _far_detail(prep, slot, f),
-                )
-            )
-            f = min(max(f, layout.lo), layout.hi)
+        f = (t - offset[j]) / scale[j]
+        if not lo <= f <= hi:
+            problems.append(ValueProblem(name, v, "out_of_range", _far_detail(prep, slot, f)))
+            f = min(max(f, lo), hi)
         x[j] = f
     return ScreenedRecord(np.asarray(x, dtype=np.float64).astype(np.float32), tuple(problems))
+
+
+def _category(
+    name: str, v: object, slot: _SymbolicSlot, problems: list[ValueProblem]
+) -> int | None:
+    """The vocabulary slot of a symbolic value off the fast path, or None after noting why
+    there is none."""
+    if isinstance(v, np.generic):
+        v = v.item()
+    if category_key(v) is None or isinstance(v, float) and math.isinf(v):
+        problems.append(
+            ValueProblem(name, v, "wrong_type", "is not a category (a string, number or boolean)")
+        )
+        return None
+    i = _slot(v, slot.exact, slot.by_key)
+    if i is None:
+        vocab = slot.vocabulary
+        known = ", ".join(vocab[:8]) + (f", ... ({len(vocab)} in all)" if len(vocab) > 8 else "")
+        problems.append(
+            ValueProblem(
+                name, v, "unknown_category", f"is not a category seen in training ({known})"
+            )
+        )
+    return i
+
+
+def _number(name: str, v: object) -> int | float:
+    if isinstance(v, np.generic) and not isinstance(v, np.bool_):
+        v = v.item()
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise InputError(f"field {name!r} must be a number, got {type(v).__name__}")
+    return v
 
 
 def encode_record(record: Mapping[str, object], prep: TabularPreprocessing) -> np.ndarray:
