@@ -96,10 +96,12 @@ def test_shipped_kdd_manifests_load_and_encode_numbers_as_their_strings() -> Non
         prep = m.input.preprocessing
         assert prep is not None and prep.unknown_policy == "reject"
         as_numbers = kdd_record()
-        assert all(isinstance(as_numbers[f], float) for f in FLAGS)
-        as_text = {**as_numbers, **{f: str(int(as_numbers[f])) for f in FLAGS}}
+        assert all(type(as_numbers[f]) is int for f in FLAGS)  # the README's example
+        as_text = {**as_numbers, **{f: str(as_numbers[f]) for f in FLAGS}}
+        as_floats = {**as_numbers, **{f: float(as_numbers[f]) for f in FLAGS}}
         x = encode_record(as_numbers, prep)
         np.testing.assert_array_equal(x, encode_record(as_text, prep))
+        np.testing.assert_array_equal(x, encode_record(as_floats, prep))
         names = prep.feature_names()
         assert x[names.index("logged_in=1")] == 1.0 and x[names.index("land=0")] == 1.0
         cols = {k: [v] for k, v in as_text.items()}
@@ -228,7 +230,8 @@ def test_issue18_out_of_range_records_over_real_http(tmp_path: Path) -> None:
     with_policy(repo, KDD_MODEL, 2, "anomaly")
     rec = kdd_record()
     body = '{"model": "kdd-egbad", "version": %d, "inputs": [{"record": %s}]}'
-    huge = json.dumps(rec).replace('"duration": 0.0', '"duration": 1' + "0" * 400)
+    huge = json.dumps(rec).replace('"duration": 0,', '"duration": 1' + "0" * 400 + ",")
+    assert len(huge) > len(json.dumps(rec)) + 300
     log = tmp_path / "serve.log"
     with gansentry_serve(repo, log) as (proc, url), httpx.Client(base_url=url, timeout=30) as c:
         wait_ready(proc, url, log)
@@ -253,7 +256,7 @@ def test_issue18_out_of_range_records_over_real_http(tmp_path: Path) -> None:
             assert result["is_anomaly"] is True and result["reason"].startswith(text)
             assert np.isfinite(result["score"])
         # Numbers as numbers score exactly as the training file's text.
-        as_text = {**rec, **{f: str(int(rec[f])) for f in FLAGS}}
+        as_text = {**rec, **{f: str(rec[f]) for f in FLAGS}}
         a, b = post(2, json.dumps(rec)).json(), post(2, json.dumps(as_text)).json()
         assert a["results"] == b["results"]
     assert "Traceback" not in log.read_text()
