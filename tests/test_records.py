@@ -260,3 +260,21 @@ def test_issue18_out_of_range_records_over_real_http(tmp_path: Path) -> None:
         a, b = post(2, json.dumps(rec)).json(), post(2, json.dumps(as_text)).json()
         assert a["results"] == b["results"]
     assert "Traceback" not in log.read_text()
+
+
+def test_shipped_kdd_graphs_stay_finite_at_the_range_limit() -> None:
+    """Whatever passes the checks (or is clipped to the limit under `anomaly`) keeps every
+    shipped KDD graph finite: all numeric features at the limit, both signs and mixed."""
+    from service.registry import load_model
+    from service.settings import Settings
+
+    for version_dir in sorted(SHIPPED.glob("kdd-*/*")):
+        model = load_model(version_dir, Settings(providers="cpu"))
+        prep = model.manifest.input.preprocessing
+        numeric = [i for i, f in enumerate(prep.feature_names()) if "=" not in f]
+        x = np.zeros((3, prep.num_features), dtype=np.float32)
+        x[0, numeric] = 1 + RANGE_LIMIT
+        x[1, numeric] = -RANGE_LIMIT
+        x[2, numeric] = np.where(np.arange(len(numeric)) % 2, 1 + RANGE_LIMIT, -RANGE_LIMIT)
+        scores, recon = model.run(x)
+        assert np.isfinite(scores).all() and np.isfinite(recon).all(), version_dir
