@@ -81,6 +81,19 @@ def test_bad_rules_are_refused() -> None:
     assert percentile_name(0.995) == "99.5th percentile"
 
 
+def test_export_refuses_to_publish_a_threshold_ties_made_useless() -> None:
+    """Training keeps such a threshold (with a warning) so the run is not lost; export
+    refuses it by default and names the way out."""
+    from training.export import ExportError, _threshold
+
+    val = np.concatenate([np.zeros(19800), np.linspace(1, 2, 38)])
+    trained = calibrate(val, quantile=0.99, strict=False)
+    with pytest.raises(ExportError, match="run's threshold cannot be served: .*--target-fpr"):
+        _threshold(trained, val, None, None)
+    fixed = _threshold(trained, val, None, 0.002)
+    assert fixed.target_fpr == 0.002 and fixed.value == 0.0
+
+
 # ---------------------------------------------------------------- parity on what matters
 
 

@@ -203,6 +203,13 @@ def _threshold(
     graph), or a new one by the asked rule, calibrated on the exported graph's scores."""
     source = "validation-normal scores of the exported graph"
     if quantile is None and target_fpr is None:
+        # Training keeps a threshold that ties made useless (so no run is lost) and warns;
+        # publishing it is refused here, where --target-fpr can choose a rate that works.
+        if trained.quantile is not None:
+            try:
+                calibrate(val_scores, quantile=trained.quantile, source=source)
+            except ThresholdError as e:
+                raise ExportError(f"the run's threshold cannot be served: {e}") from None
         if trained.validation is not None:
             return trained
         return trained.model_copy(update={"validation": summarise(val_scores, trained.value)})
