@@ -38,11 +38,13 @@ class ImageInput(_Strict):
 
 
 class Column(_Strict):
-    """One field of a raw record. Symbolic fields are one-hot encoded over `vocabulary`;
-    a value outside the vocabulary encodes as all zeros (it was never seen in training).
-    A numeric field with `transform: log1p` (byte counts, durations) is replaced by
-    log(1 + v) before scaling: min-max scaling alone squashes a heavy tail so far that
-    54 kB and 250 B both become about 0."""
+    """One field of a raw record. Symbolic fields are one-hot encoded over `vocabulary`,
+    matched by value: 1, 1.0, "1" and true are the entry "1" (or "true"), see
+    `gansentry.preprocessing.category_key`. A served value outside the vocabulary is
+    refused or flagged by the model's `unknown_policy`; in a dataset it encodes as all
+    zeros (it was never seen in training). A numeric field with `transform: log1p` (byte
+    counts, durations) is replaced by log(1 + v) before scaling: min-max scaling alone
+    squashes a heavy tail so far that 54 kB and 250 B both become about 0."""
 
     name: str
     kind: Literal["numeric", "symbolic"]
@@ -72,12 +74,19 @@ class Column(_Strict):
 class TabularPreprocessing(_Strict):
     """Raw record -> model features: expand `columns` in order (one-hot for symbolic, each
     numeric field through its `transform`), then `(v - offset) / scale` per expanded
-    feature. Fitted on the training split only."""
+    feature. Fitted on the training split only.
+
+    `unknown_policy` says what the service does with a record value the model does not
+    know (an unseen category, a symbolic value of the wrong type, a number that does not
+    fit float32 or lies past `gansentry.preprocessing.RANGE_LIMIT` training ranges):
+    `reject` (the default, and what manifests without the field mean) answers 422 naming
+    the input, field and value; `anomaly` scores the record, flags it and says why."""
 
     columns: list[Column]
     scaling: Literal["minmax", "standard", "none"]
     offset: list[float]
     scale: list[float]
+    unknown_policy: Literal["reject", "anomaly"] = "reject"
 
     @model_validator(mode="after")
     def _lengths(self) -> TabularPreprocessing:
@@ -120,14 +129,31 @@ class TabularInput(_Strict):
 InputSpec = Annotated[ImageInput | TabularInput, Field(discriminator="kind")]
 
 
+class ValidationScores(_Strict):
+    """The validation-normal scores a threshold was calibrated on: their spread, how many
+    sit exactly on the threshold (a tie makes `score > threshold` flag fewer than asked),
+    and the share of them the threshold really flags."""
+
+    n: int = Field(ge=1)
+    min: float
+    quantiles: dict[str, float]  # "0.5", "0.9", ... -> score
+    max: float
+    ties_at_threshold: int = Field(ge=0)
+    flagged_fraction: float = Field(ge=0, le=1)
+
+
 class Threshold(_Strict):
     """Scores above `value` are anomalies. `rule` says how it was chosen, in words a reader
-    of /models can check (e.g. "99th percentile of 5,400 validation-normal scores")."""
+    of /models can check (e.g. "99th percentile of 5,400 validation-normal scores").
+    `target_fpr` is set when the rule was a false-positive rate rather than a quantile;
+    `validation` (absent in older manifests) describes the scores it came from."""
 
     value: float
     rule: str
     quantile: float | None = None
     calibration_size: int | None = None
+    target_fpr: float | None = None
+    validation: ValidationScores | None = None
 
 
 class Provenance(_Strict):

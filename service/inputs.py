@@ -8,12 +8,13 @@ naming its index, and never reaches a batch shared with other requests."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from gansentry.manifest import ImageInput, Manifest, TabularInput
-from gansentry.preprocessing import InputError, decode_base64_image, decode_image, encode_record
+from gansentry.preprocessing import InputError, decode_base64_image, decode_image, screen_record
+from service import metrics
 from service.schemas import ScoreInput
 
 RANGE_TOLERANCE = 1e-6
@@ -32,12 +33,14 @@ class InputsInvalid(ValueError):
 class Prepared:
     x: np.ndarray  # float32 [n, *sample_shape]
     kinds: list[str]  # per input: "image", "array" or "record"
+    reasons: dict[int, str] = field(default_factory=dict)  # input index -> why it is flagged
 
 
 def prepare_json(inputs: Sequence[ScoreInput], manifest: Manifest, max_pixels: int) -> Prepared:
     spec = manifest.input
     x = np.empty((len(inputs), *spec.shape), dtype=np.float32)
     errors: list[str] = []
+    reasons: dict[int, str] = {}
     for i, item in enumerate(inputs):
         try:
             if item.image is not None:
@@ -45,12 +48,14 @@ def prepare_json(inputs: Sequence[ScoreInput], manifest: Manifest, max_pixels: i
             elif item.array is not None:
                 x[i] = _array(item.array, spec)
             else:
-                x[i] = _record(item.record or {}, manifest)
+                x[i], reason = _record(item.record or {}, manifest)
+                if reason is not None:
+                    reasons[i] = reason
         except InputError as e:
             errors.append(f"inputs[{i}]: {e}")
     if errors:
         raise InputsInvalid(errors)
-    return Prepared(x, [item.kind for item in inputs])
+    return Prepared(x, [item.kind for item in inputs], reasons)
 
 
 def prepare_images(images: Sequence[bytes], manifest: Manifest, max_pixels: int) -> Prepared:
@@ -118,7 +123,8 @@ def _array(value: list, spec: ImageInput | TabularInput) -> np.ndarray:
     return arr
 
 
-def _record(record: dict, manifest: Manifest) -> np.ndarray:
+def _record(record: dict, manifest: Manifest) -> tuple[np.ndarray, str | None]:
+    """Features, and why the model's `anomaly` policy flags the record (None: it does not)."""
     spec = manifest.input
     if not isinstance(spec, TabularInput):
         raise InputError(
@@ -130,4 +136,7 @@ def _record(record: dict, manifest: Manifest) -> np.ndarray:
             f"model {manifest.name!r} has no record preprocessing in its manifest; "
             f"send 'array' of {spec.num_features} features"
         )
-    return encode_record(record, spec.preprocessing)
+    screened = screen_record(record, spec.preprocessing)
+    for p in screened.problems:
+        metrics.UNEXPECTED_VALUES.labels(manifest.name, p.field, p.kind).inc()
+    return screened.x, screened.verdict(spec.preprocessing.unknown_policy)

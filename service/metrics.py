@@ -75,6 +75,12 @@ SCORE_RATIO = Histogram(
     buckets=RATIO_BUCKETS,
 )
 ANOMALIES = Counter("gansentry_anomalies_total", "Inputs flagged as anomalies", ["model"])
+UNEXPECTED_VALUES = Counter(
+    "gansentry_unexpected_values_total",
+    "Record values the model does not know, refused or flagged by its unknown_policy "
+    "(kind: unknown_category, wrong_type, out_of_range)",
+    ["model", "field", "kind"],
+)
 MODEL_INFO = Gauge(
     "gansentry_model_info",
     "1 for each loaded model version, with what serves it",

@@ -85,6 +85,9 @@ class ScoreRequest(BaseModel):
 class ScoreResult(BaseModel):
     score: float
     is_anomaly: bool
+    reason: str | None = Field(
+        None, description="why a record is flagged whatever its score (unknown_policy: anomaly)"
+    )
     reconstruction: str | list[Any] | None = Field(
         None, description="base64 PNG for image inputs, a nested list for array and record inputs"
     )

@@ -82,19 +82,19 @@ async def test_reconstructions_png_for_images_list_for_arrays(served) -> None:
 
 
 async def test_records_go_through_manifest_preprocessing(served) -> None:
-    unseen = {**RECORD, "protocol": "sctp"}  # outside the vocabulary: all-zero one-hot
+    other = {**RECORD, "protocol": "tcp", "bytes": 10}
     r = await served.client.post(
         "/score",
         json={
             "model": TABULAR_MODEL,
-            "inputs": [{"record": RECORD}, {"record": unseen}],
+            "inputs": [{"record": RECORD}, {"record": other}],
             "return_reconstruction": True,
         },
     )
     assert r.status_code == 200, r.text
     model = served.registry.get(TABULAR_MODEL)
     prep = model.manifest.input.preprocessing
-    x = np.stack([encode_record(RECORD, prep), encode_record(unseen, prep)])
+    x = np.stack([encode_record(RECORD, prep), encode_record(other, prep)])
     scores, recons = model.run(x)
     results = r.json()["results"]
     np.testing.assert_allclose([res["score"] for res in results], scores, rtol=1e-4)

@@ -133,6 +133,34 @@ def register(sub: argparse._SubParsersAction) -> None:
     x.add_argument("--models-dir", type=Path, default=Path("models"))
     x.add_argument("--name", required=True, help="model name, e.g. mnist-memgan")
     x.add_argument("--data-root", type=Path, help="folder holding the datasets")
+    rule = x.add_mutually_exclusive_group()
+    rule.add_argument(
+        "--threshold-quantile",
+        type=float,
+        metavar="Q",
+        help="recalibrate the threshold as the Q quantile of the exported graph's "
+        "validation-normal scores (default: keep the run's threshold)",
+    )
+    rule.add_argument(
+        "--target-fpr",
+        type=float,
+        metavar="F",
+        help="recalibrate the threshold to flag a share F of validation normals, e.g. 0.01",
+    )
+    x.add_argument(
+        "--unknown-policy",
+        metavar="{reject,anomaly}",
+        help="what the service does with a record value the model does not know (unseen "
+        "category, wrong type, far out of range): reject = 422 naming it (default), "
+        "anomaly = score it, flag it and say why",
+    )
+    x.add_argument(
+        "--parity-tolerance",
+        type=float,
+        metavar="T",
+        help="largest ONNX-vs-PyTorch score difference accepted, as a fraction of the spread "
+        "(interquartile range) of the scores (default 0.05)",
+    )
     x.set_defaults(run=run_export)
 
 
@@ -255,13 +283,31 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    if args.unknown_policy is not None:
+        _check_choice(args.unknown_policy, ("reject", "anomaly"), "--unknown-policy")
+    for value, what in (
+        (args.threshold_quantile, "--threshold-quantile"),
+        (args.target_fpr, "--target-fpr"),
+    ):
+        if value is not None and not 0 < value < 1:
+            raise CliError(f"{what} must be in (0, 1), got {value}")
+    if args.parity_tolerance is not None and not args.parity_tolerance >= 0:
+        raise CliError(f"--parity-tolerance must be >= 0, got {args.parity_tolerance}")
     with user_errors():
         from training.export import export_run
 
         manifest, path = export_run(
-            args.run_dir, args.models_dir, args.name, data_root=args.data_root
+            args.run_dir,
+            args.models_dir,
+            args.name,
+            data_root=args.data_root,
+            threshold_quantile=args.threshold_quantile,
+            target_fpr=args.target_fpr,
+            unknown_policy=args.unknown_policy,
+            parity_tolerance=args.parity_tolerance,
         )
     print(path)
+    print(f"  threshold {manifest.threshold.value:.6g}: {manifest.threshold.rule}", file=sys.stderr)
     auroc = manifest.metrics.get("auroc")
     if auroc is not None:
         print(f"  AUROC {auroc:.4f} (ONNX Runtime, test split)", file=sys.stderr)

@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from gansentry.manifest import Manifest, Provenance
+from gansentry.manifest import ImageInput, Manifest, Provenance, Threshold
+from gansentry.preprocessing import UNKNOWN_POLICIES
 from training.evaluate import (
     check_compatible,
     config_value,
@@ -25,6 +26,7 @@ from training.evaluate import (
     score_batches,
 )
 from training.metrics import evaluate_scores, manifest_metrics
+from training.thresholds import ThresholdError, calibrate, summarise
 
 PARITY_BATCH = 64
 _NAME_PATTERN = next(
@@ -81,17 +83,40 @@ def _opset(onnx_path: Path) -> int:
 
 
 def export_run(
-    run_dir: Path, models_dir: Path, name: str, *, data_root: Path | None = None
+    run_dir: Path,
+    models_dir: Path,
+    name: str,
+    *,
+    data_root: Path | None = None,
+    threshold_quantile: float | None = None,
+    target_fpr: float | None = None,
+    unknown_policy: str | None = None,
+    parity_tolerance: float | None = None,
 ) -> tuple[Manifest, Path]:
-    """Export the run's selected checkpoint as the next version of `name`."""
+    """Export the run's selected checkpoint as the next version of `name`.
+
+    The threshold is the run's, unless `threshold_quantile` or `target_fpr` asks for
+    another rule: then it is recalibrated on the exported graph's own scores of the run's
+    validation normals (`training.thresholds.calibrate`, which refuses a rule that ties
+    make impossible). Either way the manifest records that score distribution.
+    `unknown_policy` (reject or anomaly) sets what the service does with record values
+    the model does not know; `parity_tolerance` overrides the ORT-vs-PyTorch check's."""
     check_name(name)
+    if threshold_quantile is not None and target_fpr is not None:
+        raise ExportError("give --threshold-quantile or --target-fpr, not both")
+    if unknown_policy is not None and unknown_policy not in UNKNOWN_POLICIES:
+        raise ExportError(
+            f"unknown policy {unknown_policy!r}; choose {' or '.join(UNKNOWN_POLICIES)}"
+        )
+    if parity_tolerance is not None and not parity_tolerance >= 0:
+        raise ExportError(f"--parity-tolerance must be >= 0, got {parity_tolerance}")
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ExportError(f"{run_dir}: no such run folder")
 
     import torch
 
-    from training.onnx_export import export_onnx, publish
+    from training.onnx_export import PARITY_TOLERANCE, ParityError, export_onnx, publish
 
     # The exporter logs every optimisation pass, and a warning per missing torchvision op.
     for noisy in ("onnx_ir", "onnxscript"):
@@ -108,11 +133,28 @@ def export_run(
     test = np.asarray(splits.test, dtype=np.float32)
     labels = np.asarray(splits.test_labels).astype(np.int64).reshape(-1)
     check_compatible(spec, splits.input_spec, request.dataset)
+    spec = _with_policy(spec, unknown_policy)
+    tolerance = PARITY_TOLERANCE if parity_tolerance is None else parity_tolerance
     with tempfile.TemporaryDirectory(prefix="gansentry-export-") as tmp:
         onnx_path = Path(tmp) / "model.onnx"
-        rel = export_onnx(model.scorer(), torch.from_numpy(parity_batch(val, test)), onnx_path)
-        scores, _ = score_batches(cpu_session(onnx_path, tuple(spec.shape)), test)
-        metrics = evaluate_scores(scores, labels, info.threshold.value, splits.protocol)
+        try:
+            rel = export_onnx(
+                model.scorer(),
+                torch.from_numpy(parity_batch(val, test)),
+                onnx_path,
+                threshold=info.threshold.value,
+                tolerance=tolerance,
+            )
+        except ParityError as e:
+            raise ExportError(
+                f"{name}: {e}. If the scores are right for your use, export with a larger "
+                "--parity-tolerance (a fraction of the spread of the scores)"
+            ) from None
+        session = cpu_session(onnx_path, tuple(spec.shape))
+        val_scores, _ = score_batches(session, val)
+        threshold = _threshold(info.threshold, val_scores, threshold_quantile, target_fpr)
+        scores, _ = score_batches(session, test)
+        metrics = evaluate_scores(scores, labels, threshold.value, splits.protocol)
         provenance = Provenance(
             dataset=str(info.dataset),
             protocol=str(info.protocol),
@@ -128,10 +170,50 @@ def export_run(
         fields = {
             "architecture": info.arch or str(config_value(cfg, "model")),
             "input": spec,
-            "threshold": info.threshold,
+            "threshold": threshold,
             "provenance": provenance,
             **manifest_metrics(metrics),
             "onnx": {"opset": _opset(onnx_path), "parity_max_rel_diff": rel},
         }
         manifest = publish(Path(models_dir), name, onnx_path, fields)
     return manifest, Path(models_dir) / name / str(manifest.version)
+
+
+def _with_policy(spec: Any, policy: str | None) -> Any:
+    if policy is None:
+        return spec
+    prep = getattr(spec, "preprocessing", None)
+    if prep is None:
+        raise ExportError(
+            "--unknown-policy applies to models that take raw records; this one takes "
+            + ("images" if isinstance(spec, ImageInput) else "feature arrays only")
+        )
+    return spec.model_copy(
+        update={"preprocessing": prep.model_copy(update={"unknown_policy": policy})}
+    )
+
+
+def _threshold(
+    trained: Threshold,
+    val_scores: np.ndarray,
+    quantile: float | None,
+    target_fpr: float | None,
+) -> Threshold:
+    """The run's threshold (with the distribution it sits in, measured on the exported
+    graph), or a new one by the asked rule, calibrated on the exported graph's scores."""
+    source = "validation-normal scores of the exported graph"
+    if quantile is None and target_fpr is None:
+        # Training keeps a threshold that ties made useless (so no run is lost) and warns;
+        # publishing it is refused here, where --target-fpr can choose a rate that works.
+        if trained.quantile is not None:
+            try:
+                calibrate(val_scores, quantile=trained.quantile, source=source)
+            except ThresholdError as e:
+                raise ExportError(f"the run's threshold cannot be served: {e}") from None
+        if trained.validation is not None:
+            return trained
+        return trained.model_copy(update={"validation": summarise(val_scores, trained.value)})
+    try:
+        return calibrate(val_scores, quantile=quantile, target_fpr=target_fpr, source=source)
+    except ThresholdError as e:
+        raise ExportError(str(e)) from None

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from gansentry.manifest import Threshold, atomic_write
+from gansentry.manifest import atomic_write
 from training.models import AnomalyGAN, build_model, default_hparams
 from training.runs import (
     CHECKPOINT_DIR,
@@ -35,6 +35,7 @@ from training.runs import (
     save_split_data,
     score_array,
 )
+from training.thresholds import MAX_RATE_RATIO, calibrate, percentile_name  # noqa: F401
 
 if TYPE_CHECKING:
     from training.data import Splits
@@ -134,14 +135,6 @@ def git_commit() -> str | None:
 
 def _peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def percentile_name(q: float) -> str:
-    p = f"{q * 100:.4g}"
-    suffix = "th"
-    if not p.endswith(("11", "12", "13")):
-        suffix = {"1": "st", "2": "nd", "3": "rd"}.get(p[-1], "th")
-    return f"{p}{suffix} percentile"
 
 
 def _prepare_dir(out: Path, config: dict[str, Any], resume: bool) -> bool:
@@ -435,16 +428,24 @@ def _finish(
         selected["model"] = model.state_dict()
         save_checkpoint(out / CHECKPOINT_DIR / SELECTED_CHECKPOINT, selected)
     scores, _ = score_array(model, splits.val)
-    q = cfg.threshold_quantile
-    threshold = Threshold(
-        value=float(np.quantile(scores.astype(np.float64), q)),
-        rule=(
-            f"{percentile_name(q)} of {len(scores):,} validation-normal scores "
-            f"(epoch {selected['epoch']})"
-        ),
-        quantile=q,
-        calibration_size=len(scores),
+    # A tie at the quantile is moved to the side that flags the asked share of normals;
+    # when no threshold can (the score does not rank the normals apart) the run keeps the
+    # nearest one and says so, so it can still be exported with a rate it can give.
+    threshold = calibrate(
+        scores,
+        quantile=cfg.threshold_quantile,
+        source=f"validation-normal scores (epoch {selected['epoch']})",
+        strict=False,
     )
+    assert threshold.validation is not None
+    realised, asked = threshold.validation.flagged_fraction, 1.0 - cfg.threshold_quantile
+    if not asked / MAX_RATE_RATIO <= realised <= asked * MAX_RATE_RATIO:
+        print(
+            f"warning: the threshold flags {realised:.3%} of validation normals, not the "
+            f"{asked:.3%} asked ({threshold.rule}); export with --target-fpr to choose "
+            "another rate",
+            file=sys.stderr,
+        )
     info = RunInfo(
         config=config,
         input_spec=splits.input_spec,

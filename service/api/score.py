@@ -283,6 +283,9 @@ def _payload(loaded: LoadedModel, prepared: Prepared, scored: Scored, want_recon
     recons = scored.reconstructions
     for i, s in enumerate(scores):
         result: dict = {"score": s, "is_anomaly": s > threshold}
+        reason = prepared.reasons.get(i)
+        if reason is not None:  # the model's unknown_policy is `anomaly`
+            result["is_anomaly"], result["reason"] = True, reason
         if want_recon:
             assert recons is not None, "asked the batcher for reconstructions"
             recon = recons[i]
