@@ -35,7 +35,13 @@ class Settings(BaseSettings):
 
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     max_inputs_per_request: int = Field(256, ge=1)
-    max_image_pixels: int = Field(16_000_000, ge=64)
+    # Decoding is the costly part of a request and a small body can hold many pixels (a
+    # 4000x4000 1-bit PNG is 2 kB), so pixels are bounded per image and per request, from
+    # the headers, before any is decoded. Pillow refuses images past ~179M pixels anyway.
+    max_image_pixels: int = Field(16_000_000, ge=64, le=89_000_000, description="per image")
+    max_request_pixels: int = Field(
+        64_000_000, ge=64, description="decoded pixels per request, all its images together"
+    )
 
     api_keys: str = Field("", description="comma-separated; empty = no auth")
     api_keys_file: Path | None = Field(None, description="one key per line")
