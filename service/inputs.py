@@ -7,9 +7,10 @@ naming its index, and never reaches a batch shared with other requests.
 
 Two steps, because decoding pixels is the one costly part of a request and a small body
 can hold a lot of them (a 4000x4000 1-bit PNG is 2 kB): `parse_*` checks every input and
-reads only image headers, so the request's total of decoded pixels is known and checked
-against the budget before any pixel is decoded; `decode` then decodes the images one by
-one and stops at the request's deadline."""
+reads only image headers, and adds up the pixels they declare against the request's budget,
+so a request past it is refused before any pixel is decoded (and after reading only the
+headers up to the one that crossed it); `decode` then decodes the images one by one and
+stops at the request's deadline."""
 
 from __future__ import annotations
 
@@ -62,11 +63,20 @@ class Parsed:
     x: np.ndarray
     kinds: list[str]
     spec: ImageInput | TabularInput
+    max_request_pixels: int
     images: list[tuple[int, Image.Image]] = field(default_factory=list)
+    pixels: int = 0
 
-    @property
-    def pixels(self) -> int:
-        return sum(img.width * img.height for _, img in self.images)
+    def add_image(self, index: int, img: Image.Image) -> None:
+        self.images.append((index, img))
+        self.pixels += img.width * img.height
+        if self.pixels > self.max_request_pixels:
+            self.close()
+            raise PixelBudgetExceeded(
+                f"the request's images decode to more than {self.max_request_pixels} pixels, "
+                f"the limit per request (inputs[0] to inputs[{index}] already make "
+                f"{self.pixels}); send fewer or smaller images"
+            )
 
     def close(self) -> None:
         for _, img in self.images:
@@ -74,9 +84,12 @@ class Parsed:
         self.images = []
 
 
-def parse_json(inputs: Sequence[ScoreInput], manifest: Manifest, max_pixels: int) -> Parsed:
+def parse_json(
+    inputs: Sequence[ScoreInput], manifest: Manifest, max_pixels: int, max_request_pixels: int
+) -> Parsed:
     spec = manifest.input
-    parsed = Parsed(np.empty((len(inputs), *spec.shape), dtype=np.float32), [], spec)
+    x = np.empty((len(inputs), *spec.shape), dtype=np.float32)
+    parsed = Parsed(x, [], spec, max_request_pixels)
     errors: list[str] = []
     for i, item in enumerate(inputs):
         parsed.kinds.append(item.kind)
@@ -84,7 +97,7 @@ def parse_json(inputs: Sequence[ScoreInput], manifest: Manifest, max_pixels: int
             if item.image is not None:
                 if not isinstance(spec, ImageInput):
                     raise InputError(_not_image(manifest))
-                parsed.images.append((i, open_image(base64_image_bytes(item.image), max_pixels)))
+                parsed.add_image(i, open_image(base64_image_bytes(item.image), max_pixels))
             elif item.array is not None:
                 parsed.x[i] = _array(item.array, spec)
             else:
@@ -94,17 +107,20 @@ def parse_json(inputs: Sequence[ScoreInput], manifest: Manifest, max_pixels: int
     return _checked(parsed, errors)
 
 
-def parse_images(images: Sequence[bytes], manifest: Manifest, max_pixels: int) -> Parsed:
+def parse_images(
+    images: Sequence[bytes], manifest: Manifest, max_pixels: int, max_request_pixels: int
+) -> Parsed:
     """Multipart uploads: raw PNG/JPEG bytes, in field order."""
     spec = manifest.input
     if not isinstance(spec, ImageInput):
         raise InputsInvalid([_not_image(manifest)])
-    parsed = Parsed(np.empty((len(images), *spec.shape), dtype=np.float32), [], spec)
+    x = np.empty((len(images), *spec.shape), dtype=np.float32)
+    parsed = Parsed(x, [], spec, max_request_pixels)
     errors: list[str] = []
     for i, data in enumerate(images):
         parsed.kinds.append("image")
         try:
-            parsed.images.append((i, open_image(data, max_pixels)))
+            parsed.add_image(i, open_image(data, max_pixels))
         except InputError as e:
             errors.append(f"inputs[{i}]: {e}")
     return _checked(parsed, errors)
@@ -117,17 +133,11 @@ def _checked(parsed: Parsed, errors: list[str]) -> Parsed:
     return parsed
 
 
-def decode(parsed: Parsed, max_request_pixels: int, deadline: float) -> Prepared:
-    """Decode the parsed images into the batch, within the request's pixel budget and
-    its deadline (`time.monotonic()`), checked between images: a request past either
-    stops, and costs at most one image's decoding beyond it. Closes `parsed`."""
+def decode(parsed: Parsed, deadline: float) -> Prepared:
+    """Decode the parsed images into the batch within the request's deadline
+    (`time.monotonic()`), checked before each image: a request past it stops, having
+    cost at most one image's decoding beyond it. Closes `parsed`."""
     try:
-        pixels = parsed.pixels
-        if pixels > max_request_pixels:
-            raise PixelBudgetExceeded(
-                f"the request's {len(parsed.images)} image(s) decode to {pixels} pixels, over "
-                f"the limit of {max_request_pixels} per request; send fewer or smaller images"
-            )
         errors: list[str] = []
         for i, img in parsed.images:
             if time.monotonic() >= deadline:
