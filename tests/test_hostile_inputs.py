@@ -359,6 +359,24 @@ async def test_every_openapi_example_is_scored_by_the_shipped_models() -> None:
             assert r.status_code == 200, (example["model"], r.text)
 
 
+async def test_a_kdd_record_far_outside_training_is_not_waved_through() -> None:
+    """The issue's first hole: `"count": 1e300` sent to kdd-egbad answered NaN, "normal".
+    However the input side comes to refuse it, the answer is a 422 naming the input."""
+    record = json.loads(
+        (SHIPPED_MODELS.parent / "docs/examples/kdd-normal-traffic.json").read_text()
+    )
+    async with serving(SHIPPED_MODELS, providers="cpu") as s:
+        for field, value in (("count", 1e300), ("src_bytes", 1e30), ("dst_bytes", 3e38)):
+            body = {
+                "model": "kdd-egbad",
+                "inputs": [{"record": {**record["record"], field: value}}],
+            }
+            r = await s.client.post("/score", json=body)
+            assert r.status_code == 422, (field, r.text)
+            assert r.json()["detail"].startswith("inputs[0]: "), r.text
+            strict_json(r.text)
+
+
 @pytest.mark.parametrize(
     "inputs",
     [
