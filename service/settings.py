@@ -64,9 +64,12 @@ class Settings(BaseSettings):
         return frozenset(keys)
 
     def ort_threads(self) -> int:
-        if self.intra_op_threads:
-            return self.intra_op_threads
-        try:
-            return len(os.sched_getaffinity(0))
-        except AttributeError:
-            return os.cpu_count() or 1
+        return self.intra_op_threads or available_cpus()
+
+
+def available_cpus() -> int:
+    """The CPUs this process may use (a container's cpuset, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1

@@ -43,14 +43,14 @@ from service.inputs import InputsInvalid, Parsed, Prepared, decode, parse_images
 from service.registry import LoadedModel, Registry
 from service.schemas import ErrorResponse, ScoreRequest, ScoreResponse
 from service.security import require_api_key
-from service.settings import Settings
+from service.settings import Settings, available_cpus
 
 TIMEOUT_HEADER = "X-Request-Timeout-Ms"
 CLIENT_GONE = 499  # nginx's convention; only ever seen in metrics
 DEADLINE_GRACE_S = 0.02
 THREAD_OFFLOAD_INPUTS = 8  # decode/encode this many images in a thread, not on the loop
 THREAD_DECODE_PIXELS = 1_000_000  # ... or images this large in all (~5 ms of decoding)
-DECODE_THREADS = max(1, len(os.sched_getaffinity(0)) // 2)
+DECODE_THREADS = max(1, available_cpus() // 2)
 DECODE_NICE = 10
 
 
