@@ -11,6 +11,7 @@ import io
 import json
 import math
 import re
+import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -64,40 +65,65 @@ def uint8_batch_to_array(images: np.ndarray, spec: ImageInput) -> np.ndarray:
     return out
 
 
+NOT_AN_IMAGE = "cannot decode image: not a PNG, JPEG or other image format the server reads"
+CORRUPT_IMAGE = "cannot decode image: its data is truncated or corrupt"
+# What Pillow raises for bytes it cannot parse. Its messages carry object reprs
+# (`<_io.BytesIO object at 0x...>`) and decoder internals, so clients get the fixed
+# messages above and the original stays chained for the server's log.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError)
+
+
+def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Encoded PNG/JPEG bytes -> a lazily opened image: only the header is read, so its
+    size is known, and checked against `max_pixels`, before any pixel data is decoded (a
+    decompression bomb costs nothing). Decode it with `decode_opened`, which closes it."""
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise InputError(f"image has more pixels than the limit of {max_pixels}") from e
+    except UnidentifiedImageError as e:
+        raise InputError(NOT_AN_IMAGE) from e
+    except _DECODE_ERRORS as e:
+        raise InputError(CORRUPT_IMAGE) from e
+    w, h = img.size
+    if w * h > max_pixels:
+        img.close()
+        raise InputError(f"image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels}")
+    return img
+
+
+def decode_opened(img: Image.Image, spec: ImageInput) -> np.ndarray:
+    """Decode an image from `open_image` into the model input, and close it."""
+    try:
+        with img:
+            img.load()
+            return image_to_array(img, spec)
+    except Image.DecompressionBombError as e:
+        raise InputError(CORRUPT_IMAGE) from e
+    except _DECODE_ERRORS as e:
+        raise InputError(CORRUPT_IMAGE) from e
+
+
 def decode_image(data: bytes, spec: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Encoded PNG/JPEG bytes -> model input. Refuses images over `max_pixels` before
     decoding the pixel data, so a decompression bomb costs nothing."""
+    return decode_opened(open_image(data, max_pixels), spec)
+
+
+def base64_image_bytes(text: str) -> bytes:
+    """A base64 image as sent in JSON (a `data:` URL prefix is accepted) -> its bytes."""
+    if text.startswith("data:"):
+        text = text.split(",", 1)[-1]
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            w, h = img.size
-            if w * h > max_pixels:
-                raise InputError(
-                    f"image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels}"
-                )
-            img.load()
-            return image_to_array(img, spec)
-    except InputError:
-        raise
-    except (
-        UnidentifiedImageError,
-        OSError,
-        SyntaxError,
-        ValueError,
-        Image.DecompressionBombError,
-    ) as e:
-        raise InputError(f"cannot decode image: {e}") from e
+        return base64.b64decode(text, validate=True)
+    except (ValueError, TypeError) as e:
+        raise InputError(f"image is not valid base64: {e}") from e
 
 
 def decode_base64_image(
     text: str, spec: ImageInput, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> np.ndarray:
-    if text.startswith("data:"):
-        text = text.split(",", 1)[-1]
-    try:
-        data = base64.b64decode(text, validate=True)
-    except (ValueError, TypeError) as e:
-        raise InputError(f"image is not valid base64: {e}") from e
-    return decode_image(data, spec, max_pixels)
+    return decode_image(base64_image_bytes(text), spec, max_pixels)
 
 
 def array_to_png(arr: np.ndarray) -> bytes:

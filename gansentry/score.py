@@ -4,14 +4,16 @@ image folder offline with an exported model, as the service would score the same
 Same code path as `POST /score`, without the service: the manifest is verified the same
 way (schema, sha256 of the graph, the ONNX I/O contract), each CSV or NPZ row becomes the
 record a JSON client would send (numbers as numbers, symbolic fields as their text) and
-goes through `gansentry.preprocessing.encode_record`, each image file through
-`decode_image`, and batches run on an ONNX Runtime CPU session. No torch, no service
-import: it runs wherever the model repository does.
+goes through `gansentry.preprocessing.screen_record` with the model's `unknown_policy`,
+each image file through `decode_image`, and batches run on an ONNX Runtime CPU session.
+No torch, no service import: it runs wherever the model repository does.
 
 The output has one line per input, in input order: `row` (the data row's index, 0-based)
 or `file`, then `score`, `is_anomaly` (1 when `score > threshold`, as served) and, when the
 input has labels (`--label-column`, a "label" column, an NPZ's `y`, or normal/ and
-anomalous/ subfolders), `label`; AUROC and F1 against those labels are printed last.
+anomalous/ subfolders), `label`, and, for a model whose policy is `anomaly`, `reason` (why
+a row is flagged whatever its score); AUROC and F1 against those labels are printed last.
+A score that comes out NaN or Inf is a bad row, as it is a 422 in the service.
 A bad row stops the run with one error line naming the row and field (exit 2), unless
 `--skip-bad-rows`, which reports each on stderr, leaves it out of the output and exits 1."""
 
@@ -41,8 +43,14 @@ from gansentry.datafiles import (
     read_csv_table,
     read_npz_table,
 )
-from gansentry.manifest import ImageInput, Manifest, TabularInput, sha256_file
-from gansentry.preprocessing import InputError, decode_image, encode_record
+from gansentry.manifest import (
+    ImageInput,
+    Manifest,
+    TabularInput,
+    TabularPreprocessing,
+    sha256_file,
+)
+from gansentry.preprocessing import InputError, decode_image, screen_record
 
 DEFAULT_BATCH = 256
 EXIT_SKIPPED = 1
@@ -104,18 +112,27 @@ class OfflineModel:
 
 @dataclass
 class Source:
-    """The inputs of one file or folder: `encode(i)` gives input i as a model input or
-    raises InputError (the message names the field); `where(i)` names input i for a
-    user (file and line, or the image's path)."""
+    """The inputs of one file or folder: `encode(i)` gives input i as a model input and,
+    under the model's `anomaly` policy, why it is flagged regardless of its score (None
+    otherwise), or raises InputError (the message names the field); `where(i)` names
+    input i for a user (file and line, or the image's path). `flags` says whether the
+    model's policy can flag inputs at all, which adds a `reason` column."""
 
     key: str
     ids: list[str]
     labels: np.ndarray | None
-    encode: Callable[[int], np.ndarray]
+    encode: Callable[[int], tuple[np.ndarray, str | None]]
     where: Callable[[int], str]
+    flags: bool = False
 
     def __len__(self) -> int:
         return len(self.ids)
+
+
+def _record(record: dict[str, object], prep: TabularPreprocessing) -> tuple[np.ndarray, str | None]:
+    """The service's record screening (`service.inputs`), with the model's policy."""
+    screened = screen_record(record, prep)
+    return screened.x, screened.verdict(prep.unknown_policy)
 
 
 def _csv_source(path: Path, spec: TabularInput, label_column: str | None) -> Source:
@@ -137,7 +154,7 @@ def _csv_source(path: Path, spec: TabularInput, label_column: str | None) -> Sou
     numeric = {c.name for c in prep.columns if c.kind == "numeric"}
     fields = [(j, h) for j, h in enumerate(table.header) if h != label]
 
-    def encode(i: int) -> np.ndarray:
+    def encode(i: int) -> tuple[np.ndarray, str | None]:
         row = table.rows[i]
         record: dict[str, object] = {}
         for j, name in fields:
@@ -149,7 +166,7 @@ def _csv_source(path: Path, spec: TabularInput, label_column: str | None) -> Sou
                     raise InputError(f"field {name!r} must be a number, got {text!r}") from None
             else:
                 record[name] = text
-        return encode_record(record, prep)
+        return _record(record, prep)
 
     return Source(
         key="row",
@@ -157,6 +174,7 @@ def _csv_source(path: Path, spec: TabularInput, label_column: str | None) -> Sou
         labels=labels,
         encode=encode,
         where=lambda i: f"{path} line {table.lines[i]} (row {i})",
+        flags=prep.unknown_policy == "anomaly",
     )
 
 
@@ -169,13 +187,13 @@ def _npz_source(path: Path, spec: TabularInput, label_column: str | None) -> Sou
                 f"{path}: {t.x.shape[1]} features per row, the model takes {spec.num_features}"
             )
 
-        def encode(i: int) -> np.ndarray:
-            return t.x[i].astype(np.float32)
+        def encode(i: int) -> tuple[np.ndarray, str | None]:
+            return t.x[i].astype(np.float32), None
 
     else:
 
-        def encode(i: int) -> np.ndarray:
-            return encode_record(dict(zip(t.names, t.x[i].tolist(), strict=True)), prep)
+        def encode(i: int) -> tuple[np.ndarray, str | None]:
+            return _record(dict(zip(t.names, t.x[i].tolist(), strict=True)), prep)
 
     return Source(
         key="row",
@@ -183,6 +201,7 @@ def _npz_source(path: Path, spec: TabularInput, label_column: str | None) -> Sou
         labels=t.labels,
         encode=encode,
         where=lambda i: f"{path} row {i}",
+        flags=prep is not None and prep.unknown_policy == "anomaly",
     )
 
 
@@ -194,7 +213,7 @@ def _folder_source(path: Path, spec: ImageInput) -> Source:
         key="file",
         ids=[f.relative_to(path).as_posix() for f in files],
         labels=labels,
-        encode=lambda i: decode_image(files[i].read_bytes(), spec),
+        encode=lambda i: (decode_image(files[i].read_bytes(), spec), None),
         where=lambda i: str(files[i]),
     )
 
@@ -244,6 +263,7 @@ def score_source(
     from tqdm import tqdm
 
     header = [source.key, "score", "is_anomaly"] + (["label"] if source.labels is not None else [])
+    header += ["reason"] if source.flags else []
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f".{out.name}.partial")
     kept_scores: list[np.ndarray] = []
@@ -259,31 +279,47 @@ def score_source(
     )
     if warn is None:
         warn = lambda line: tqdm.write(line, file=sys.stderr)  # noqa: E731
+
+    def bad(i: int, message: str, error: Exception | None = None) -> None:
+        """A bad input stops the run with one line naming it, or is skipped and reported."""
+        nonlocal skipped
+        message = f"{source.where(i)}: {message}"
+        if not skip_bad_rows:
+            raise ScoreError(message) from error
+        warn(f"skipped {message}")
+        skipped += 1
+
     try:
         with open(partial, "w", newline="") as f:
             f.write(",".join(header) + "\n")
             for start in range(0, len(source), batch_size):
-                rows, xs = [], []
+                rows, xs, reasons = [], [], []
                 for i in range(start, min(start + batch_size, len(source))):
                     try:
-                        xs.append(source.encode(i))
-                        rows.append(i)
+                        x, reason = source.encode(i)
                     except (InputError, OSError) as e:
-                        message = f"{source.where(i)}: {e}"
-                        if not skip_bad_rows:
-                            raise ScoreError(message) from e
-                        warn(f"skipped {message}")
-                        skipped += 1
-                if rows:
-                    scores = model.scores(np.stack(xs))
-                    for i, s in zip(rows, scores, strict=True):
-                        cells = [_csv_cell(source.ids[i]), repr(float(s))]
-                        cells.append("1" if s > model.threshold else "0")
-                        if source.labels is not None:
-                            cells.append(str(int(source.labels[i])))
-                        f.write(",".join(cells) + "\n")
-                    kept_scores.append(scores)
-                    kept_rows += rows
+                        bad(i, str(e), e)
+                        continue
+                    xs.append(x)
+                    reasons.append(reason)
+                    rows.append(i)
+                scores = model.scores(np.stack(xs)) if rows else np.zeros(0, np.float32)
+                kept = []
+                for i, s, reason in zip(rows, scores, reasons, strict=True):
+                    # As the service: a non-finite score is an error, never "normal".
+                    if not np.isfinite(s):
+                        bad(i, "the model's score is NaN or Inf for this input")
+                        continue
+                    cells = [_csv_cell(source.ids[i]), repr(float(s))]
+                    cells.append("1" if s > model.threshold or reason is not None else "0")
+                    if source.labels is not None:
+                        cells.append(str(int(source.labels[i])))
+                    if source.flags:
+                        cells.append(_csv_cell(reason or ""))
+                    f.write(",".join(cells) + "\n")
+                    kept.append((i, s))
+                kept_scores.append(np.array([s for _, s in kept], np.float32))
+                kept_rows += [i for i, _ in kept]
                 bar.update(min(batch_size, len(source) - start))
         partial.replace(out)
     finally:

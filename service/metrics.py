@@ -74,6 +74,12 @@ SCORE_RATIO = Histogram(
     ["model"],
     buckets=RATIO_BUCKETS,
 )
+NONFINITE_SCORES = Counter(
+    "gansentry_nonfinite_scores_total",
+    "Inputs whose score (or reconstruction) came out NaN or Inf: refused with 422, never "
+    "answered as normal",
+    ["model"],
+)
 ANOMALIES = Counter("gansentry_anomalies_total", "Inputs flagged as anomalies", ["model"])
 UNEXPECTED_VALUES = Counter(
     "gansentry_unexpected_values_total",

@@ -2,39 +2,83 @@
 
 Inputs are typed loosely here (`array: list`, `record: dict`) on purpose: the model's
 manifest decides what is valid, and `service.inputs` checks each input against it with a
-message naming its index, which a generic schema error could not do."""
+message naming its index, which a generic schema error could not do.
+
+The published schema and the parser agree: the request is parsed in strict mode (`"1"` or
+`true` is not a version), an input's field is a value, never `null`, and the schema says
+"exactly one of image, array, record" with `oneOf`, as the validator does. Every example
+here is scored by the shipped models (tests/test_hostile_inputs.py checks that)."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
 _PNG_1PX = (
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAAAAAA6fptVAAAACklEQVR4nGNgAAAAAgABSK+kcQAAAABJRU5ErkJggg=="
 )
 
 
+_INPUT_FIELDS = ("image", "array", "record")
+
+
+def _no_default(schema: dict[str, Any]) -> None:
+    """Absent, not null: the schema shows no `default: null` that the parser would refuse."""
+    schema.pop("default", None)
+
+
+def _one_field(schema: dict[str, Any]) -> None:
+    schema["oneOf"] = [{"required": [name]} for name in _INPUT_FIELDS]
+    schema["minProperties"] = schema["maxProperties"] = 1
+
+
+def _example_record() -> dict[str, Any]:
+    """The README's KDD flow, so the documented example is a full record that the shipped
+    `kdd-egbad` scores (a partial one is refused: every field of the manifest is needed)."""
+    path = Path(__file__).resolve().parent.parent / "docs" / "examples" / "kdd-normal-traffic.json"
+    try:
+        return json.loads(path.read_text())["record"]
+    except OSError:  # installed without the docs: the example shows the shape only
+        return {"duration": 0, "protocol_type": "tcp", "src_bytes": 181}
+
+
 class ScoreInput(BaseModel):
     """Exactly one of `image`, `array` or `record`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_one_field)
 
-    image: str | None = Field(
-        None, description="base64 PNG or JPEG (a `data:` URL prefix is accepted)"
+    image: str | SkipJsonSchema[None] = Field(
+        None,
+        description="base64 PNG or JPEG (a `data:` URL prefix is accepted)",
+        json_schema_extra=_no_default,
     )
-    array: list[Any] | None = Field(
+    array: list[Any] | SkipJsonSchema[None] = Field(
         None,
         description="nested list in the model's input shape, e.g. [1, 32, 32] of floats in "
         "[0, 1] for a grey 32x32 model, or [F] preprocessed features for a tabular one",
+        json_schema_extra=_no_default,
     )
-    record: dict[str, Any] | None = Field(
-        None, description="raw tabular record: every field of the model's manifest, no others"
+    record: dict[str, Any] | SkipJsonSchema[None] = Field(
+        None,
+        description="raw tabular record: every field of the model's manifest, no others",
+        json_schema_extra=_no_default,
     )
+
+    @field_validator(*_INPUT_FIELDS, mode="before")
+    @classmethod
+    def _not_null(cls, value: object) -> object:
+        # Runs only for a value the client sent (defaults are not validated).
+        if value is None:
+            raise ValueError("must not be null; leave the field out instead")
+        return value
 
     @model_validator(mode="after")
     def _exactly_one(self) -> ScoreInput:
-        given = [k for k in ("image", "array", "record") if getattr(self, k) is not None]
+        given = [k for k in _INPUT_FIELDS if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(
                 "each input needs exactly one of 'image', 'array' or 'record'"
@@ -52,6 +96,7 @@ class ScoreInput(BaseModel):
 class ScoreRequest(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,
         protected_namespaces=(),
         json_schema_extra={
             "examples": [
@@ -60,13 +105,7 @@ class ScoreRequest(BaseModel):
                     "inputs": [{"image": _PNG_1PX}],
                     "return_reconstruction": True,
                 },
-                {
-                    "model": "kdd-egbad",
-                    "version": 1,
-                    "inputs": [
-                        {"record": {"duration": 0, "protocol_type": "tcp", "src_bytes": 181}}
-                    ],
-                },
+                {"model": "kdd-egbad", "version": 2, "inputs": [{"record": _example_record()}]},
             ]
         },
     )
@@ -78,7 +117,10 @@ class ScoreRequest(BaseModel):
         False, description="add each input's reconstruction (PNG for images, else a list)"
     )
     timeout_ms: float | None = Field(
-        None, gt=0, description="deadline for this request; capped by the server's limit"
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="deadline for this request, decoding included; capped by the server's limit",
     )
 
 
@@ -153,5 +195,8 @@ class ReloadResponse(BaseModel):
 
 class ReadyResponse(BaseModel):
     ready: bool
-    reasons: list[str]
+    reasons: list[str] = Field(description="why not ready, in words (no paths or internals)")
     models: list[str]
+    details: list[str] | None = Field(
+        None, description="only with a valid X-API-Key: each failed version's error, and more"
+    )

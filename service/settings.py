@@ -35,7 +35,13 @@ class Settings(BaseSettings):
 
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     max_inputs_per_request: int = Field(256, ge=1)
-    max_image_pixels: int = Field(16_000_000, ge=64)
+    # Decoding is the costly part of a request and a small body can hold many pixels (a
+    # 4000x4000 1-bit PNG is 2 kB), so pixels are bounded per image and per request, from
+    # the headers, before any is decoded. Pillow refuses images past ~179M pixels anyway.
+    max_image_pixels: int = Field(16_000_000, ge=64, le=89_000_000, description="per image")
+    max_request_pixels: int = Field(
+        64_000_000, ge=64, description="decoded pixels per request, all its images together"
+    )
 
     api_keys: str = Field("", description="comma-separated; empty = no auth")
     api_keys_file: Path | None = Field(None, description="one key per line")
@@ -62,12 +68,15 @@ class Settings(BaseSettings):
         return _read_keys(self.admin_keys, self.admin_keys_file)
 
     def ort_threads(self) -> int:
-        if self.intra_op_threads:
-            return self.intra_op_threads
-        try:
-            return len(os.sched_getaffinity(0))
-        except AttributeError:
-            return os.cpu_count() or 1
+        return self.intra_op_threads or available_cpus()
+
+
+def available_cpus() -> int:
+    """The CPUs this process may use (a container's cpuset, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
 
 
 def _read_keys(inline: str, file: Path | None) -> frozenset[str]:

@@ -348,5 +348,7 @@ async def test_empty_repository_is_not_ready(tmp_path) -> None:
     async with serving(tmp_path) as s:
         r = await s.client.get("/readyz")
         assert r.status_code == 503
-        assert r.json()["reasons"] == [f"no model loaded from {tmp_path}"]
+        assert r.json()["reasons"] == [
+            "no model loaded: the models directory holds no model version"
+        ]
         assert (await s.client.get("/healthz")).status_code == 200

@@ -6,6 +6,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 
 from service.api import state
+from service.api.models import without_paths
 from service.schemas import ErrorResponse, ReloadResponse
 from service.security import require_admin
 
@@ -26,4 +27,7 @@ async def reload(request: Request) -> dict:
     batching backend serves it (through Redis: once a live worker has loaded it)."""
     errors = await state.reload_models(request.app)
     registry = state.registry(request)
-    return {"loaded": [m.ref.key for m in registry.all()], "errors": errors}
+    return {
+        "loaded": [m.ref.key for m in registry.all()],
+        "errors": without_paths(errors, registry),
+    }

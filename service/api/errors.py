@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
 from service.batching.base import BatchingError, QueueFull
-from service.inputs import InputsInvalid
+from service.inputs import InputsInvalid, PixelBudgetExceeded
 from service.registry import ModelNotFound
 
 
@@ -18,6 +18,8 @@ def error_response(exc: Exception) -> JSONResponse | None:
     """The answer for a known failure, or None for a bug (left to the 500 handler)."""
     if isinstance(exc, InputsInvalid):
         return JSONResponse({"detail": str(exc), "errors": exc.errors}, status_code=422)
+    if isinstance(exc, PixelBudgetExceeded):
+        return JSONResponse({"detail": str(exc)}, status_code=413)
     if isinstance(exc, ValidationError):
         errors = [_validation_line(e) for e in exc.errors()]
         return JSONResponse(

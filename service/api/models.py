@@ -3,14 +3,28 @@ in service/api/admin.py, behind admin access)."""
 
 from __future__ import annotations
 
+import os
+
 from fastapi import APIRouter, Depends, Request
 
 from service.api import state
-from service.registry import LoadedModel, ModelNotFound
+from service.registry import LoadedModel, ModelNotFound, Registry
 from service.schemas import ErrorResponse, ModelInfo, ModelList
 from service.security import require_api_key
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
+
+
+def without_paths(errors: dict[str, str], registry: Registry) -> dict[str, str]:
+    """Load errors name files relative to the repository (ONNX Runtime's messages carry
+    absolute paths, which tell a client about the host); the log has them whole."""
+    roots = sorted({str(registry.models_dir.resolve()), str(registry.models_dir)}, key=len)
+    cleaned = {}
+    for key, message in errors.items():
+        for root in reversed(roots):
+            message = message.replace(root + os.sep, "").replace(root, "the models directory")
+        cleaned[key] = message
+    return cleaned
 
 
 def version_info(model: LoadedModel) -> dict:
@@ -41,7 +55,7 @@ async def list_models(request: Request) -> dict:
     registry = state.registry(request)
     return {
         "models": [model_info(n, registry.models[n]) for n in sorted(registry.models)],
-        "refused": registry.errors,
+        "refused": without_paths(registry.errors, registry),
     }
 
 
