@@ -232,3 +232,37 @@ def test_undecodable_image_is_named(capsys, tmp_path, model_repo: ModelRepo):
     assert code == 1 and "b.png" in err
     got = read_scores(tmp_path / "s.csv")
     assert [g["file"] for g in got] == ["a.png"] and list(got[0]) == ["file", "score", "is_anomaly"]
+
+
+async def test_anomaly_policy_flags_the_rows_the_service_flags(capsys, tmp_path, model_repo):
+    """Under a model's `anomaly` policy an unseen category is scored and flagged with a
+    reason, offline as through `/score`; under `reject` the same row is a bad row."""
+    import shutil
+
+    from tests.test_records import with_policy
+
+    root = tmp_path / "models"
+    shutil.copytree(model_repo.root / TABULAR_MODEL, root / TABULAR_MODEL)
+    flagged_dir = with_policy(root, TABULAR_MODEL, 1, "anomaly")
+    rows = traffic_rows(6)
+    rows[2]["protocol"] = "sctp"  # never seen in training
+    table = tmp_path / "flows.csv"
+    with open(table, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["duration", "protocol", "bytes"])
+        w.writerows([r["duration"], r["protocol"], r["bytes"]] for r in rows)
+
+    code, _, err = score_cli(capsys, flagged_dir, table, "--out", tmp_path / "s.csv")
+    assert code == 0, err
+    got = read_scores(tmp_path / "s.csv")
+    assert list(got[0]) == ["row", "score", "is_anomaly", "reason"]
+    served = await served_scores(root, TABULAR_MODEL, [{"record": r} for r in rows])
+    np.testing.assert_allclose(
+        [float(g["score"]) for g in got], [s["score"] for s in served], rtol=1e-5, atol=1e-5
+    )
+    assert [g["is_anomaly"] == "1" for g in got] == [s["is_anomaly"] for s in served]
+    assert [bool(g["reason"]) for g in got] == [i == 2 for i in range(len(rows))]
+    assert "sctp" in got[2]["reason"] and served[2]["reason"] == got[2]["reason"]
+
+    code, _, err = score_cli(capsys, root / TABULAR_MODEL / "1", table, "--out", tmp_path / "r.csv")
+    assert code == 2 and "line 4" in err and "sctp" in err and len(err.strip().splitlines()) == 1
