@@ -7,6 +7,7 @@ truth, so that is what every check here reads."""
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import re
@@ -190,11 +191,13 @@ def _captured_output() -> Iterator[list[str]]:
     sys.stdout.flush()
     sys.stderr.flush()
     saved = [os.dup(1), os.dup(2)]
+    printed = io.StringIO()  # where sys.stdout is not file descriptor 1 (a test runner's)
     with tempfile.TemporaryFile() as sink:
         try:
             os.dup2(sink.fileno(), 1)
             os.dup2(sink.fileno(), 2)
-            yield lines
+            with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+                yield lines
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
@@ -204,4 +207,5 @@ def _captured_output() -> Iterator[list[str]]:
                 os.close(fd)
             sink.seek(0)
             text = sink.read().decode(errors="replace")
+            text += printed.getvalue()
             lines.extend(line for line in text.splitlines() if line.strip())
