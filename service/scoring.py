@@ -33,7 +33,7 @@ from starlette.types import Receive
 
 from service import metrics
 from service.batching.base import Batcher, DeadlineExceeded, Scored
-from service.inputs import InputsInvalid, Parsed, Prepared, decode
+from service.inputs import InputsInvalid, Parsed, Prepared, decode, parse_images
 from service.registry import LoadedModel, Registry
 from service.security import require_api_key
 from service.settings import Settings, available_cpus
@@ -111,6 +111,20 @@ class Call:
                     422, f"{TIMEOUT_HEADER} must be a positive number of milliseconds"
                 )
         return min(ms or limit, limit) / 1000.0
+
+    async def parse_images(self, loaded: LoadedModel, images: list[bytes]) -> Parsed:
+        """Encoded image files (a multipart upload, a v2 BYTES tensor), counted against
+        the request's limits; their headers are read, their pixels not yet decoded."""
+        self.check_count(len(images))
+        settings = self.settings
+        return await offload(
+            len(images) >= THREAD_OFFLOAD_INPUTS,
+            parse_images,
+            images,
+            loaded.manifest,
+            settings.max_image_pixels,
+            settings.max_request_pixels,
+        )
 
     async def score(
         self, loaded: LoadedModel, parsed: Parsed, timeout_s: float, reconstruction: bool

@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gansentry.preprocessing import array_to_base64_png
 from service.api.errors import INTERNAL_ERROR, error_response
-from service.inputs import Parsed, parse_images, parse_json
+from service.inputs import Parsed, parse_json
 from service.registry import LoadedModel
 from service.schemas import ErrorResponse, ScoreRequest, ScoreResponse
 from service.scoring import THREAD_OFFLOAD_INPUTS, Call, Result, begin, observed, offload
@@ -167,8 +167,7 @@ async def score(request: Request) -> Response:
 
 
 async def _multipart(call: Call, loaded: LoadedModel) -> Parsed:
-    settings = call.settings
-    limit = settings.max_inputs_per_request
+    limit = call.settings.max_inputs_per_request
     try:
         form = await call.request.form(max_files=limit, max_fields=limit)
     except StarletteHTTPException as e:  # what Request.form raises, FastAPI's base class
@@ -191,15 +190,7 @@ async def _multipart(call: Call, loaded: LoadedModel) -> Parsed:
         await form.close()
     if not images:
         raise HTTPException(422, "no 'image' file fields in the multipart body")
-    call.check_count(len(images))
-    return await offload(
-        len(images) >= THREAD_OFFLOAD_INPUTS,
-        parse_images,
-        images,
-        loaded.manifest,
-        settings.max_image_pixels,
-        settings.max_request_pixels,
-    )
+    return await call.parse_images(loaded, images)
 
 
 def _payload(result: Result) -> dict:

@@ -39,7 +39,7 @@ from gansentry.manifest import ImageInput
 from gansentry.preprocessing import InputError
 from service.api.errors import INTERNAL_ERROR, classify
 from service.api.health import readiness
-from service.inputs import InputsInvalid, Parsed, numeric_array, parse_images, parse_tensor
+from service.inputs import InputsInvalid, Parsed, numeric_array, parse_tensor
 from service.registry import LoadedModel
 from service.scoring import THREAD_OFFLOAD_INPUTS, Call, Result, begin, observed, offload
 
@@ -423,17 +423,7 @@ async def _inputs(call: Call, loaded: LoadedModel, req: InferRequest, binary: by
             len(batch) >= THREAD_OFFLOAD_INPUTS, parse_tensor, batch, loaded.manifest
         )
     if tensor.name == IMAGE_INPUT and isinstance(loaded.manifest.input, ImageInput):
-        images = _images(tensor, raw)
-        call.check_count(len(images))
-        settings = call.settings
-        return await offload(
-            len(images) >= THREAD_OFFLOAD_INPUTS,
-            parse_images,
-            images,
-            loaded.manifest,
-            settings.max_image_pixels,
-            settings.max_request_pixels,
-        )
+        return await call.parse_images(loaded, _images(tensor, raw))
     raise V2Error(
         f"unknown input {tensor.name!r}; model {loaded.ref.name!r} takes {_input_names(loaded)}"
     )
