@@ -223,6 +223,11 @@ def test_errors_have_v2_bodies_and_the_score_routes_statuses(api: ApiProcess) ->
         r = httpx.post(url, json=body, headers=key(), timeout=30)
         assert r.status_code == status, (body, r.text)
         assert set(r.json()) == {"error"} and r.json()["error"], r.text
+    too_many = kdd_batch(257, seed=0)  # max_inputs_per_request is 256
+    e = refused(KDD, too_many)
+    assert e.status() == "413" and "257 inputs is over the limit of 256" in e.message()
+    r = httpx.post(url, content=b"0" * (17 << 20), headers=key(), timeout=30)  # > 16 MiB
+    assert r.status_code == 413 and "over the limit" in r.json()["error"]
     r = httpx.post(url, content=b"{not json", headers=key(), timeout=30)
     assert r.status_code == 400 and "error" in r.json()
     r = httpx.post(f"{api.url}/v2/models/{MNIST}/versions/x1/infer", json={}, headers=key())
