@@ -189,7 +189,8 @@ def _failure(e: Exception) -> JSONResponse:
 def _version(version: str | None) -> int | None:
     if version is None:
         return None
-    if not (version.isascii() and version.isdigit()) or int(version) < 1:
+    # At most 9 digits: int() of thousands of digits raises, and no version is that high.
+    if not (version.isascii() and version.isdigit()) or len(version) > 9 or int(version) < 1:
         raise V2Error(f"model version must be a positive integer, got {version[:40]!r}")
     return int(version)
 
