@@ -18,7 +18,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 
 from gansentry import __version__
-from service.api import admin, health, models, score, state
+from service.api import admin, health, models, score, state, v2
 from service.api.errors import error_response
 from service.batching import create_batcher
 from service.batching.base import BatchingError
@@ -102,6 +102,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(models.router, tags=["models"])
     app.include_router(health.router, tags=["operations"])
     app.include_router(admin.router, tags=["operations"])
+    app.include_router(v2.router, tags=["kserve v2"])
     for exc in (InputsInvalid, ModelNotFound, BatchingError):
         app.add_exception_handler(exc, _handle)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
@@ -125,6 +126,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         components.update(request.pop("$defs", {}))
         components["ScoreRequest"] = request
+        components.update(v2.openapi_components())
         schema["components"]["securitySchemes"] = {
             "APIKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key"}
         }

@@ -170,7 +170,12 @@ def _not_image(manifest: Manifest) -> str:
 
 
 def _array(value: list, spec: ImageInput | TabularInput) -> np.ndarray:
-    expected = list(spec.shape)
+    return _checked_numbers(numeric_array(value, list(spec.shape)), spec)
+
+
+def numeric_array(value: object, expected: list[int]) -> np.ndarray:
+    """A JSON array of numbers as an integer or float array, refusing ragged lists,
+    non-numbers and integers too large for a 32-bit float (`expected` is for messages)."""
     try:
         arr = np.asarray(value)
     except ValueError:
@@ -197,6 +202,13 @@ def _array(value: list, spec: ImageInput | TabularInput) -> np.ndarray:
             else arr.dtype
         )
         raise InputError(f"expected an array of numbers, got {what}")
+    return arr
+
+
+def _checked_numbers(arr: np.ndarray, spec: ImageInput | TabularInput) -> np.ndarray:
+    """One input's numbers, in the model's sample shape, finite, within float32 and the
+    manifest's value range: the same checks for a JSON `array` and a v2 tensor row."""
+    expected = list(spec.shape)
     if list(arr.shape) != expected:
         raise InputError(f"expected array of shape {expected}, got {list(arr.shape)}")
     if arr.dtype.kind == "f":
@@ -217,6 +229,21 @@ def _array(value: list, spec: ImageInput | TabularInput) -> np.ndarray:
                 f"got values from {amin:g} to {amax:g}"
             )
     return arr
+
+
+def parse_tensor(batch: np.ndarray, manifest: Manifest) -> Parsed:
+    """A batch that arrived as one numeric array [n, *sample_shape] (the KServe v2 `x`
+    tensor): each row gets the checks of an `array` input, and errors name its index."""
+    spec = manifest.input
+    n = len(batch)
+    parsed = Parsed(np.empty((n, *spec.shape), np.float32), ["array"] * n, spec, 0)
+    errors: list[str] = []
+    for i in range(n):
+        try:
+            parsed.x[i] = _checked_numbers(batch[i], spec)
+        except InputError as e:
+            errors.append(f"inputs[{i}]: {e}")
+    return _checked(parsed, errors)
 
 
 def _first_huge(arr: np.ndarray) -> tuple[int, ...] | None:

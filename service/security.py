@@ -99,7 +99,7 @@ class BodyLimitMiddleware:
                 except ValueError:
                     declared = 0
                 if declared > self.max_bytes:
-                    await self._reject(send, declared)
+                    await self._reject(send, declared, scope.get("path", ""))
                     return
                 break
         received = 0
@@ -118,8 +118,10 @@ class BodyLimitMiddleware:
     def _message(self, size: int) -> str:
         return f"request body of {size}+ bytes is over the limit of {self.max_bytes} bytes"
 
-    async def _reject(self, send: Send, size: int) -> None:
-        body = json.dumps({"detail": self._message(size)}).encode()
+    async def _reject(self, send: Send, size: int, path: str) -> None:
+        # The KServe v2 protocol's error body is {"error": ...}; every other route's, FastAPI's.
+        key = "error" if path == "/v2" or path.startswith("/v2/") else "detail"
+        body = json.dumps({key: self._message(size)}).encode()
         await send(
             {
                 "type": "http.response.start",

@@ -30,7 +30,6 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 
-import numpy as np
 import redis
 from prometheus_client import start_http_server
 from redis.backoff import NoBackoff
@@ -40,6 +39,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from service import metrics
+from service.batching import policy
 from service.batching.base import ModelRef
 from service.gc_tuning import settle_after_startup
 from service.redis_protocol import (
@@ -447,7 +447,7 @@ class Worker:
         self._send(answers)
         for model_jobs in jobs.values():
             model = model_jobs[0].model
-            for chunk in _chunks(model_jobs, self.max_batch):
+            for chunk in policy.pack(model_jobs, _size, self.max_batch):
                 self._send(self._compute(model, chunk))
 
     def _already_answered(self, entries: list[Entry]) -> set[str]:
@@ -470,39 +470,21 @@ class Worker:
             metrics.QUEUE_WAIT.labels(model.ref.name).observe(
                 max(started - job.request.enqueued_at, 0)
             )
-        try:
-            x = (
-                chunk[0].request.x
-                if len(chunk) == 1
-                else np.concatenate([j.request.x for j in chunk])
-            )
-            wanted = any(j.request.want_reconstruction for j in chunk)
-            scores, recons = model.run_observed(x, wanted)
-        except Exception as e:
-            if len(chunk) == 1:
-                return [self._failed(model, chunk[0], e)]
-            log.warning(
-                "batch of %d requests for %s failed (%s); running them one by one",
-                len(chunk),
-                model.ref.key,
-                e,
-            )
-            return [a for job in chunk for a in self._compute(model, [job])]
+        parts = [policy.Part(j.request.x, j.request.want_reconstruction) for j in chunk]
         answers = []
-        offset = 0
-        for job in chunk:
-            n = job.request.n
-            wants = job.request.want_reconstruction and recons is not None
-            recon = recons[offset : offset + n] if wants else None
-            body = encode_result(job.request.request_id, scores[offset : offset + n], recon)
+        for job, outcome in zip(chunk, policy.run(model, parts), strict=True):
+            rid = job.request.request_id
+            if outcome.error is not None:
+                answers.append(self._failed(model, job, outcome.error))
+                continue
+            assert outcome.scores is not None
+            body = encode_result(rid, outcome.scores, outcome.recons)
             answers.append(Answer(job.entry, _envelope(job.request), body))
-            offset += n
         return answers
 
     def _failed(self, model: LoadedModel, job: Job, error: Exception) -> Answer:
-        message = f"ONNX Runtime failed on this request's inputs: {error}"
+        message = str(error)
         log.warning("request %s for %s failed: %s", job.request.request_id, model.ref.key, error)
-        metrics.WORKER_ERRORS.labels(model.ref.name, INFERENCE).inc()
         self._dead_letter([(job.entry, INFERENCE, message)])
         return Answer(
             job.entry,
@@ -568,6 +550,10 @@ def _enqueued_at(entry: Entry) -> float:
         return entry.received
 
 
+def _size(job: Job) -> int:
+    return job.request.n
+
+
 def _items_by_model(entries: list[Entry]) -> dict[ModelRef, int]:
     """Items per model, read from the payload shape without decoding the arrays."""
     counts: dict[ModelRef, int] = defaultdict(int)
@@ -582,24 +568,6 @@ def _item_count(entry: Entry) -> int:
         return max(int(raw), 1) if raw is not None else 1
     except ValueError:
         return 1
-
-
-def _chunks(jobs: list[Job], max_items: int) -> list[list[Job]]:
-    """Whole requests packed greedily up to max_items; a request larger than that runs
-    as a batch of its own."""
-    out: list[list[Job]] = []
-    current: list[Job] = []
-    size = 0
-    for job in jobs:
-        n = job.request.n
-        if current and size + n > max_items:
-            out.append(current)
-            current, size = [], 0
-        current.append(job)
-        size += n
-    if current:
-        out.append(current)
-    return out
 
 
 # --- command line

@@ -31,6 +31,19 @@ CONFIG = {
             "expected-statuses": ["2xx", "401", "404", "413", "422", "504"]
         },
     },
+    "operations": [
+        {
+            # The KServe v2 routes answer a request the protocol does not allow (an input
+            # name or datatype the model lacks, a model that is not ready) with 400, as
+            # the protocol and Triton do.
+            "include-path-regex": "^/v2",
+            "checks": {
+                "positive_data_acceptance": {
+                    "expected-statuses": ["2xx", "400", "401", "404", "413", "422", "504"]
+                },
+            },
+        }
+    ],
 }
 
 

@@ -4,6 +4,7 @@ shutdown, start-up refusal, and no torch anywhere in the service."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -134,6 +135,32 @@ def test_explicit_gpu_provider_that_fails_stops_start_up(
         assert proc.returncode not in (None, 0)
     text = log.read_text()
     assert "cannot start: GANSENTRY_PROVIDERS=cuda but CUDAExecutionProvider" in text
+
+
+SHIPPED_MODELS = Path(__file__).resolve().parent.parent / "models"
+
+
+def test_auto_provider_start_says_once_what_serves_without_ort_error_blocks(
+    tmp_path: Path,
+) -> None:
+    """Seven shipped model versions, one provider line for the process. Where CUDA is
+    missing (onnxruntime-gpu without its libraries), ONNX Runtime's own error blocks stay
+    out of the output and the line names the reason; where it loads, the line says so."""
+    log = tmp_path / "serve.log"
+    with gansentry_serve(SHIPPED_MODELS, log, env={"GANSENTRY_PROVIDERS": "auto"}) as (proc, url):
+        wait_ready(proc, url, log)
+        served = httpx.get(f"{url}/models", timeout=5).json()["models"]
+    text = log.read_text()
+    assert sum(len(m["versions"]) for m in served) >= 2
+    lines = [line for line in text.splitlines() if "service.providers" in line]
+    assert len(lines) == 1, text
+    assert re.search(r"serving on (CPU|CUDA|TensorRT)", lines[0]), lines[0]
+    providers = {v["provider"] for m in served for v in m["versions"]}
+    if providers == {"cpu"}:
+        assert re.search(r"GPU providers unavailable \(.+\); serving on CPU", lines[0])
+        assert "/" not in lines[0].split("unavailable", 1)[1], "no paths in the reason"
+    for spam in ("EP Error", "[E:onnxruntime", "[W:onnxruntime", "Falling back to"):
+        assert spam not in text
 
 
 def test_service_never_imports_torch(model_repo: ModelRepo) -> None:

@@ -1,9 +1,11 @@
 """One mapping from exceptions to HTTP answers, used by the exception handlers and by the
-scoring route (which needs the status for its metrics before the answer is sent)."""
+scoring routes (which need the status for their metrics before the answer is sent). Each
+protocol writes the same `Failure` in its own error body."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
@@ -13,34 +15,48 @@ from service.batching.base import BatchingError, QueueFull
 from service.inputs import InputsInvalid, PixelBudgetExceeded
 from service.registry import ModelNotFound
 
+INTERNAL_ERROR = "internal error while scoring; the server log has the details"
 
-def error_response(exc: Exception) -> JSONResponse | None:
-    """The answer for a known failure, or None for a bug (left to the 500 handler)."""
+
+@dataclass(frozen=True)
+class Failure:
+    status: int
+    message: str
+    errors: list[str] | None = None  # one line per bad input, where there are several
+    headers: dict[str, str] | None = None
+
+
+def classify(exc: Exception) -> Failure | None:
+    """The status and message for a known failure, or None for a bug."""
     if isinstance(exc, InputsInvalid):
-        return JSONResponse({"detail": str(exc), "errors": exc.errors}, status_code=422)
+        return Failure(422, str(exc), exc.errors)
     if isinstance(exc, PixelBudgetExceeded):
-        return JSONResponse({"detail": str(exc)}, status_code=413)
+        return Failure(413, str(exc))
     if isinstance(exc, ValidationError):
         errors = [_validation_line(e) for e in exc.errors()]
-        return JSONResponse(
-            {
-                "detail": errors[0] + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""),
-                "errors": errors,
-            },
-            status_code=422,
-        )
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        return Failure(422, errors[0] + more, errors)
     if isinstance(exc, ModelNotFound):
-        return JSONResponse({"detail": str(exc.args[0])}, status_code=404)
+        return Failure(404, str(exc.args[0]))
     if isinstance(exc, BatchingError):
         headers = None
         if isinstance(exc, QueueFull):
             headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
-        return JSONResponse({"detail": str(exc)}, status_code=exc.status_code, headers=headers)
+        return Failure(exc.status_code, str(exc), headers=headers)
     if isinstance(exc, HTTPException):
-        return JSONResponse(
-            {"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers
-        )
+        return Failure(exc.status_code, str(exc.detail), headers=exc.headers)
     return None
+
+
+def error_response(exc: Exception) -> JSONResponse | None:
+    """The answer for a known failure, or None for a bug (left to the 500 handler)."""
+    failure = classify(exc)
+    if failure is None:
+        return None
+    body: dict = {"detail": failure.message}
+    if failure.errors is not None:
+        body["errors"] = failure.errors
+    return JSONResponse(body, status_code=failure.status, headers=failure.headers)
 
 
 def _validation_line(error: dict) -> str:

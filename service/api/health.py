@@ -33,6 +33,21 @@ async def readyz(request: Request) -> JSONResponse:
     """Ready or not, and why, in words. Open to probes, so it names no path, address or
     library message: those go to the log when readiness changes, and into `details` for a
     caller with a valid `X-API-Key` (when keys are configured)."""
+    reasons, details = await readiness(request)
+    registry = state.registry(request)
+    body: dict = {
+        "ready": not reasons,
+        "reasons": reasons,
+        "models": [f"{m.ref.key} ({m.provider})" for m in registry.all()],
+    }
+    if _has_valid_key(request):
+        body["details"] = details
+    return JSONResponse(body, status_code=200 if not reasons else 503)
+
+
+async def readiness(request: Request) -> tuple[list[str], list[str]]:
+    """Why the service is not ready, in public words and in detail (both empty when it is
+    ready); every readiness endpoint (/readyz, /v2/health/ready) asks this."""
     registry = state.registry(request)
     reasons: list[str] = []
     details: list[str] = []
@@ -51,14 +66,7 @@ async def readyz(request: Request) -> JSONResponse:
         reasons.append(_public_reason(why))
         details.append(f"batching backend: {why}")
     _log_change(request, reasons, details)
-    body: dict = {
-        "ready": not reasons,
-        "reasons": reasons,
-        "models": [f"{m.ref.key} ({m.provider})" for m in registry.all()],
-    }
-    if _has_valid_key(request):
-        body["details"] = details
-    return JSONResponse(body, status_code=200 if not reasons else 503)
+    return reasons, details
 
 
 def _public_reason(why: str) -> str:

@@ -6,8 +6,9 @@ What the well-known servers' users trip over, and what this does instead:
 - the delay timer starts when the oldest waiting item arrived, so no item waits longer
   than `max_batch_delay_ms` for its batch to close;
 - items whose deadline passed or whose client went away are dropped before compute;
-- if ONNX Runtime fails on a batch, its items are retried one at a time, so a poison
-  input fails only its own request.
+- if ONNX Runtime fails on a batch, its requests are retried one at a time, so a poison
+  input fails only its own request (service/batching/policy.py, shared with the Redis
+  worker).
 
 Inference runs in a thread (ONNX Runtime releases the GIL); one batch per model at a
 time, because on a few cores concurrent runs of one model only contend for them."""
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from service import metrics
+from service.batching import policy
 from service.batching.base import (
     BackendUnavailable,
     BatchingError,
@@ -36,7 +38,7 @@ from service.batching.base import (
 )
 
 if TYPE_CHECKING:
-    from service.registry import LoadedModel, Registry
+    from service.registry import Registry
     from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -246,43 +248,18 @@ class EmbeddedBatcher:
 
     async def _compute(self, ref: ModelRef, batch: list[_Chunk]) -> None:
         model = self.registry.get(ref.name, ref.version)
+        parts = [
+            policy.Part(c.request.x[c.start : c.start + c.count], c.request.reconstruction, c.start)
+            for c in batch
+        ]
         loop = asyncio.get_running_loop()
-        try:
-            if len(batch) == 1 and batch[0].count == len(batch[0].request.x):
-                x = batch[0].request.x
+        outcomes = await loop.run_in_executor(self._executor, policy.run, model, parts)
+        for chunk, outcome in zip(batch, outcomes, strict=True):
+            if outcome.error is not None:
+                chunk.request.fail(outcome.error)
             else:
-                x = np.concatenate([c.request.x[c.start : c.start + c.count] for c in batch])
-            wanted = any(c.request.reconstruction for c in batch)
-            scores, recons = await loop.run_in_executor(
-                self._executor, model.run_observed, x, wanted
-            )
-        except Exception as e:
-            size = sum(c.count for c in batch)
-            log.warning("batch of %d for %s failed (%s); retrying one by one", size, ref.key, e)
-            await loop.run_in_executor(self._executor, self._retry_singly, model, batch)
-            return
-        offset = 0
-        for chunk in batch:
-            end = offset + chunk.count
-            _deliver(chunk, scores[offset:end], None if recons is None else recons[offset:end])
-            offset = end
-
-    def _retry_singly(self, model: LoadedModel, batch: list[_Chunk]) -> None:
-        """Runs in the executor: find the poison input(s) and fail only their requests."""
-        loop = batch[0].request.future.get_loop()
-        for chunk in batch:
-            request = chunk.request
-            for i in range(chunk.start, chunk.start + chunk.count):
-                if request.future.done():
-                    break
-                try:
-                    score, recon = model.run_observed(request.x[i : i + 1], request.reconstruction)
-                except Exception as e:
-                    metrics.WORKER_ERRORS.labels(model.ref.name, "inference").inc()
-                    error = InferenceFailed(f"inputs[{i}]: ONNX Runtime failed on this input: {e}")
-                    loop.call_soon_threadsafe(request.fail, error)
-                    break
-                loop.call_soon_threadsafe(_deliver, _Chunk(request, i, 1), score, recon)
+                assert outcome.scores is not None
+                _deliver(chunk, outcome.scores, outcome.recons)
 
 
 def _deliver(chunk: _Chunk, scores: np.ndarray, recons: np.ndarray | None) -> None:
