@@ -124,6 +124,11 @@ def test_latest_is_the_highest_version_the_backend_serves(model_repo: ModelRepo)
     served = {f"{IMAGE_MODEL}:1"}
     registry.routable = lambda ref: ref.key in served
     assert registry.get(IMAGE_MODEL).ref.version == 1
+    # GET /models says so too: "latest" is what an unpinned request gets now.
+    from service.api.models import model_info
+
+    info = model_info(IMAGE_MODEL, registry.models[IMAGE_MODEL], registry)
+    assert info["latest"] == 1 and [v["version"] for v in info["versions"]] == [1, 2]
     assert registry.get(IMAGE_MODEL, 2).ref.version == 2
     served.add(f"{IMAGE_MODEL}:2")
     assert registry.get(IMAGE_MODEL).ref.version == 2

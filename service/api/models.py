@@ -42,10 +42,12 @@ def version_info(model: LoadedModel) -> dict:
     }
 
 
-def model_info(name: str, versions: dict[int, LoadedModel]) -> dict:
+def model_info(name: str, versions: dict[int, LoadedModel], registry: Registry) -> dict:
+    """`latest` is the version an unpinned request gets now (through Redis: the highest one a
+    live worker serves), not simply the highest loaded one."""
     return {
         "name": name,
-        "latest": max(versions),
+        "latest": registry.get(name).ref.version,
         "versions": [version_info(versions[v]) for v in sorted(versions)],
     }
 
@@ -54,7 +56,7 @@ def model_info(name: str, versions: dict[int, LoadedModel]) -> dict:
 async def list_models(request: Request) -> dict:
     registry = state.registry(request)
     return {
-        "models": [model_info(n, registry.models[n]) for n in sorted(registry.models)],
+        "models": [model_info(n, registry.models[n], registry) for n in sorted(registry.models)],
         "refused": without_paths(registry.errors, registry),
     }
 
@@ -71,4 +73,4 @@ async def get_model(name: str, request: Request) -> dict:
     versions = registry.models.get(name)
     if not versions:
         raise ModelNotFound(f"unknown model {name!r}")
-    return model_info(name, versions)
+    return model_info(name, versions, registry)
