@@ -229,9 +229,12 @@ class Registry:
 
 def publish_model_info(registry: Registry) -> None:
     """One `gansentry_model_info` series per served version; stale label sets from before
-    a reload go. The API and the workers both call this after loading or reloading."""
+    a reload go. The API and the workers both call this after loading or reloading.
+    Each model's non-finite-score counter is created at 0, so alerts and rate() see a
+    series before the first one happens (counting resumes where it was after a reload)."""
     metrics.MODEL_INFO.clear()
     for m in registry.all():
         metrics.MODEL_INFO.labels(
             m.ref.name, str(m.ref.version), m.manifest.architecture, m.provider
         ).set(1)
+        metrics.NONFINITE_SCORES.labels(m.ref.name)

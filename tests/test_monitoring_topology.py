@@ -160,6 +160,10 @@ def _drive_traffic(topo: Topology, client: httpx.Client, procs: list[Proc]) -> N
         {"model": "no-such-model", "inputs": [_record(rng)]},
         {"model": IMAGE_MODEL, "inputs": [{"array": [[0.5, 0.5]]}]},
         {"model": TABULAR_MODEL, "inputs": [{"record": {"duration": 1.0}}]},
+        {  # a category never seen in training: refused, and counted per field
+            "model": TABULAR_MODEL,
+            "inputs": [{"record": {"duration": 1.0, "protocol": "sctp", "bytes": 10.0}}],
+        },
     ]
 
     def stuck() -> int:
@@ -177,7 +181,7 @@ def _drive_traffic(topo: Topology, client: httpx.Client, procs: list[Proc]) -> N
     for wave in (good[::6], good):
         with ThreadPoolExecutor(8) as pool:  # concurrent, so the workers see real batches
             assert set(pool.map(post, wave)) == {200}
-        assert [post(b) for b in bad] == [404, 422, 422]
+        assert [post(b) for b in bad] == [404, 422, 422, 422]
         assert stuck() in (503, 504)
         if wave is not good:
             # The first wave must be every counter's scraped baseline before the second
@@ -342,7 +346,7 @@ def test_prometheus_scrapes_the_api_and_both_workers(topology: Topology) -> None
     assert health[("api", api_instance)] == "up"
     for port in topology.worker_ports:
         assert health[("worker", f"127.0.0.1:{port}")] == "up"
-    assert topology.statuses[200] > 0 and topology.statuses[422] == 4
+    assert topology.statuses[200] > 0 and topology.statuses[422] == 6
     assert topology.statuses.get(504, 0) + topology.statuses.get(503, 0) == 2
 
 
