@@ -15,7 +15,7 @@ import httpx
 import numpy as np
 import pytest
 
-from service.redis_protocol import GROUP, stream_key
+from service.batching.redis.protocol import GROUP, stream_key
 from service.registry import Registry
 from service.settings import Settings
 from tests.fixtures_redis import (

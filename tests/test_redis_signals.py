@@ -16,7 +16,7 @@ import numpy as np
 import redis
 
 from service.batching.base import ModelRef
-from service.redis_protocol import (
+from service.batching.redis.protocol import (
     GROUP,
     RELOAD_CHANNEL,
     Request,

@@ -23,8 +23,8 @@ from service.batching.base import (
     ModelRef,
     QueueFull,
 )
-from service.batching.redis_backend import RedisBatcher, connect
-from service.redis_protocol import (
+from service.batching.redis.client import RedisBatcher, connect
+from service.batching.redis.protocol import (
     DLQ_STREAM,
     GROUP,
     Request,
