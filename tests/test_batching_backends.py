@@ -19,9 +19,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+from pydantic import ValidationError
 
-from service.batching import BACKENDS
+from service.batching import BACKENDS, create_batcher
 from service.registry import Registry
 from service.settings import Settings
 from tests.fixtures_models import IMAGE_MODEL, ModelRepo, add_version
@@ -31,6 +31,7 @@ from tests.fixtures_redis import (
     ApiProcess,
     RedisServer,
     WorkerProcess,
+    metric_sum,
 )
 
 # Quick failure detection for the Redis backend; harmless for the others.
@@ -38,15 +39,6 @@ FAST = {"redis_claim_idle_ms": 500, "worker_heartbeat_s": 0.5}
 # Requests wait for company for a whole second unless a batch fills, so a queue, a deadline
 # or a hang-up can be set up at leisure, the same way for every backend.
 HOLD_MS = 1000
-
-
-def parse_metric(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                total += sample.value
-    return total
 
 
 class Deployment:
@@ -85,7 +77,7 @@ class Deployment:
         return self.api_metric("gansentry_batch_size_sum", model=model)
 
     def api_metric(self, name: str, **labels: str) -> float:
-        return parse_metric(httpx.get(f"{self.api.url}/metrics").text, name, **labels)
+        return metric_sum(httpx.get(f"{self.api.url}/metrics").text, name, **labels)
 
     def stop(self) -> None:
         self.api.stop()
@@ -93,6 +85,26 @@ class Deployment:
             w.stop()
         if self.redis is not None:
             self.redis.stop()
+
+
+def test_the_backend_is_the_setting_else_what_the_redis_url_implies(
+    model_repo: ModelRepo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for var in ("GANSENTRY_BATCHING", "GANSENTRY_REDIS_URL"):
+        monkeypatch.delenv(var, raising=False)
+    url = "redis://127.0.0.1:1/0"  # never connected to: the batchers are not started
+
+    def chosen(**settings: object) -> str:
+        s = Settings(_env_file=None, models_dir=model_repo.root, **settings)  # type: ignore[call-arg]
+        return type(create_batcher(s, Registry(model_repo.root, s))).__name__
+
+    assert chosen() == "EmbeddedBatcher"
+    assert chosen(redis_url=url) == "RedisBatcher"
+    assert chosen(batching="embedded", redis_url=url) == "EmbeddedBatcher"
+    assert chosen(batching="redis", redis_url=url) == "RedisBatcher"
+    monkeypatch.setenv("GANSENTRY_BATCHING", "redis")
+    with pytest.raises(ValidationError, match="GANSENTRY_BATCHING=redis needs GANSENTRY_REDIS"):
+        Settings(_env_file=None)  # type: ignore[call-arg]
 
 
 @pytest.fixture(scope="module", params=sorted(BACKENDS))
