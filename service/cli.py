@@ -29,6 +29,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Start the scoring API with uvicorn: one process; scale out with replicas "
         "(or GANSENTRY_REDIS_URL and `gansentry worker` processes).",
     )
+    serve.add_argument(
+        "--batching",
+        help="batching backend, embedded or redis (GANSENTRY_BATCHING; default redis when a "
+        "Redis URL is set, else embedded)",
+    )
     serve.add_argument("--host", help="bind address (GANSENTRY_HOST, default 0.0.0.0)")
     serve.add_argument("--port", type=int, help="port (GANSENTRY_PORT, default 8000)")
     _add_common(serve)
@@ -103,7 +108,8 @@ def settings_from_args(args: argparse.Namespace, extra: dict[str, str]) -> Any:
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        raise CliError(f"invalid setting {where}: {first['msg']}") from None
+        message = first["msg"].removeprefix("Value error, ")
+        raise CliError(f"invalid setting {where}: {message}" if where else message) from None
     except OSError as e:
         raise CliError(f"cannot read a keys file: {e}") from None
     if not Path(settings.models_dir).is_dir():
@@ -119,6 +125,7 @@ def run_serve(args: argparse.Namespace) -> int:
     settings = settings_from_args(
         args,
         {
+            "batching": "batching",
             "host": "host",
             "port": "port",
             "api_keys_file": "api_keys_file",
@@ -139,7 +146,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def run_worker(args: argparse.Namespace) -> int:
     from gansentry.cli import CliError
-    from service import worker
+    from service.batching.redis import worker
 
     settings = settings_from_args(
         args,

@@ -8,7 +8,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Providers = Literal["auto", "tensorrt", "cuda", "cpu"]
@@ -49,6 +49,8 @@ class Settings(BaseSettings):
     admin_keys: str = Field("", description="comma-separated; empty = loopback clients only")
     admin_keys_file: Path | None = Field(None, description="one key per line")
 
+    # One of service.batching.BACKENDS; None: redis when redis_url is set, else embedded.
+    batching: str | None = Field(None, description="embedded | redis")
     redis_url: str | None = None
     redis_stream_maxlen: int = Field(10_000, ge=1, description="queued entries per model")
     redis_claim_idle_ms: int = Field(5_000, ge=100, description="reclaim entries idle this long")
@@ -57,6 +59,26 @@ class Settings(BaseSettings):
     worker_heartbeat_s: float = Field(2.0, gt=0)
     worker_metrics_port: int = Field(9100, ge=0, le=65535)
     worker_name: str | None = None
+
+    @field_validator("batching")
+    @classmethod
+    def _known_backend(cls, value: str | None) -> str | None:
+        from service.batching import BACKENDS
+
+        if value is not None and value not in BACKENDS:
+            raise ValueError(f"unknown batching backend {value!r}; one of {', '.join(BACKENDS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _redis_needs_url(self) -> Settings:
+        if self.batching == "redis" and not self.redis_url:
+            raise ValueError("GANSENTRY_BATCHING=redis needs GANSENTRY_REDIS_URL (or --redis-url)")
+        return self
+
+    @property
+    def batching_backend(self) -> str:
+        """The backend that serves: the explicit setting, else the one the URL implies."""
+        return self.batching or ("redis" if self.redis_url else "embedded")
 
     @cached_property
     def keys(self) -> frozenset[str]:

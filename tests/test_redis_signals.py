@@ -16,7 +16,7 @@ import numpy as np
 import redis
 
 from service.batching.base import ModelRef
-from service.redis_protocol import (
+from service.batching.redis.protocol import (
     GROUP,
     RELOAD_CHANNEL,
     Request,
@@ -27,19 +27,9 @@ from service.redis_protocol import (
 from service.registry import Registry
 from service.settings import Settings
 from tests.fixtures_models import IMAGE_MODEL, ModelRepo, add_version
-from tests.fixtures_redis import POISON_FEATURES, POISON_MODEL
+from tests.fixtures_redis import POISON_FEATURES, POISON_MODEL, wait_for
 
 FAST = {"redis_claim_idle_ms": 300, "worker_heartbeat_s": 0.5, "max_batch_delay_ms": 2}
-
-
-def wait_for(predicate, timeout: float, what: str):  # noqa: ANN001, ANN201
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
 
 
 def advertised(r: redis.Redis, name: str) -> set[str]:

@@ -23,8 +23,8 @@ from service.batching.base import (
     ModelRef,
     QueueFull,
 )
-from service.batching.redis_backend import RedisBatcher, connect
-from service.redis_protocol import (
+from service.batching.redis.client import RedisBatcher, connect
+from service.batching.redis.protocol import (
     DLQ_STREAM,
     GROUP,
     Request,
@@ -35,21 +35,11 @@ from service.redis_protocol import (
 )
 from service.registry import Registry
 from service.settings import Settings
-from tests.fixtures_redis import POISON_FEATURES, POISON_MODEL
+from tests.fixtures_redis import POISON_FEATURES, POISON_MODEL, wait_for
 
 REF = ModelRef(POISON_MODEL, 1)
 STREAM = stream_key(REF)
 FAST = {"redis_claim_idle_ms": 300, "worker_heartbeat_s": 0.5, "max_batch_delay_ms": 2}
-
-
-def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def raw_entry(reply: str, x: np.ndarray | None = None, payload: bytes | None = None) -> dict:

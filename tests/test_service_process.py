@@ -189,6 +189,14 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
     cases = [
         (["serve", "--models-dir", str(tmp_path / "none")], "models directory"),
         (["worker", "--models-dir", str(tmp_path)], "a worker needs --redis-url"),
+        (
+            ["serve", "--batching", "redis", "--models-dir", str(tmp_path)],
+            "GANSENTRY_BATCHING=redis needs GANSENTRY_REDIS_URL",
+        ),
+        (
+            ["serve", "--batching", "kafka", "--models-dir", str(tmp_path)],
+            "unknown batching backend 'kafka'; one of embedded, redis",
+        ),
     ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("GANSENTRY_")}
     for argv, message in cases:

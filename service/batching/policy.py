@@ -1,6 +1,6 @@
 """What every batching backend does with a batch once it has one, written once: the
-embedded batcher (service/batching/embedded.py) and the Redis worker (service/worker.py)
-both run their batches here.
+embedded batcher (service/batching/embedded.py) and the Redis worker
+(service/batching/redis/worker.py) both run their batches here.
 
 - One ONNX Runtime call per batch; reconstructions are fetched only if some part of the
   batch asked for them, and go back only to the parts that did.

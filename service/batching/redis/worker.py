@@ -41,8 +41,7 @@ from redis.retry import Retry
 from service import metrics
 from service.batching import policy
 from service.batching.base import ModelRef
-from service.gc_tuning import settle_after_startup
-from service.redis_protocol import (
+from service.batching.redis.protocol import (
     BAD_INPUT,
     DEADLINE,
     DELIVER_LUA,
@@ -64,6 +63,7 @@ from service.redis_protocol import (
     stream_key,
     worker_key,
 )
+from service.gc_tuning import settle_after_startup
 from service.registry import LoadedModel, Registry, publish_model_info
 from service.settings import Settings
 

@@ -29,7 +29,7 @@ DLQ_STREAM = f"{PREFIX}:dlq"
 WORKER_KEY_PREFIX = f"{PREFIX}:worker:"
 # Pub/sub, not a stream: a notice only says "rescan the model repository now". A worker
 # that misses one (down, or reconnecting) rescans anyway when it starts or reconnects and
-# periodically (service/worker.py), so there is nothing to replay.
+# periodically (service/batching/redis/worker.py), so there is nothing to replay.
 RELOAD_CHANNEL = f"{PREFIX}:reload"
 DTYPE = "float32"
 

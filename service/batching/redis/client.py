@@ -35,7 +35,7 @@ from service.batching.base import (
     QueueFull,
     Scored,
 )
-from service.redis_protocol import (
+from service.batching.redis.protocol import (
     ENQUEUE_LUA,
     GROUP,
     RELOAD_CHANNEL,
