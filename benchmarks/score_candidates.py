@@ -114,3 +114,43 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def markdown(path: Path = RESULTS) -> str:
+    """Mean AUROC of every candidate score per development table, one table per
+    architecture (the checkpoint is the same for every candidate of a run)."""
+    import numpy as np
+
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    tables = [t for t in TABLES if any(r["table"] == t for r in rows)]
+    out = [
+        "## Development runs for the tabular defaults",
+        "",
+        f"Generated from `{path.relative_to(HERE.parent)}` by `benchmarks/score_candidates.py` "
+        "(commands at the top): each run trains once with the defaults of the time and "
+        "scores its selected checkpoint with every candidate score. Cells: mean AUROC over "
+        "the development seeds that ran (how many in brackets); the report seeds (0-4) were "
+        "not run here.",
+        "",
+    ]
+    for arch, methods in CANDIDATES.items():
+        sel = [r for r in rows if r["arch"] == arch and not r["hparams"]]
+        if not sel:
+            continue
+        out += [
+            f"### {arch}",
+            "",
+            "| score | " + " | ".join(tables) + " | mean | worst |",
+            "|---" * (len(tables) + 3) + "|",
+        ]
+        for method in methods:
+            means, cells = [], []
+            for t in tables:
+                vals = [r["scores"][method]["auroc"] for r in sel if r["table"] == t]
+                cells.append(f"{np.mean(vals):.3f} ({len(vals)})" if vals else "-")
+                if vals:
+                    means.append(float(np.mean(vals)))
+            summary = f"{np.mean(means):.3f} | {min(means):.3f}" if means else "- | -"
+            out.append(f"| `{method}` | " + " | ".join(cells) + f" | {summary} |")
+        out.append("")
+    return "\n".join(out) + "\n"

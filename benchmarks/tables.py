@@ -14,7 +14,8 @@ Tables:
 - `kdd-dagmm`: KDD Cup 99 10%, attacks normal, "normal." traffic the 20% anomaly (the papers'
   protocol, its fixed split 42; seeds vary the training only).
 - `kdd-normal`: the other direction: "normal." traffic is normal, attacks the anomalies,
-  subsampled to 5% of the test set (`training/data/kdd.py`); split by the seed.
+  subsampled to 5% of the test set (`training/data/kdd.py`); split by the seed; 10,000 of
+  the training normals.
 - `breast-cancer`: scikit-learn's Wisconsin table, benign normal, malignant anomalies at 10%.
 - `wine`: scikit-learn's wine table, class 1 (71 rows) normal, the other cultivars 20%.
 - `mnist-3`: MNIST at 32x32 flattened to 1,024 columns, digit 3 normal (train split), the
@@ -37,6 +38,9 @@ import numpy as np
 
 TEST_FRACTION = 0.3
 VAL_FRACTION = 0.1
+# kdd-normal's 44k training normals, capped (a random subset, fixed per seed) so that nine
+# GAN runs fit the benchmark's CPU budget; the development run of seed 5 used all of them.
+KDD_NORMAL_TRAIN = 10_000
 
 
 @dataclass(frozen=True)
@@ -169,7 +173,9 @@ def table_splits(name: str, seed: int, data_root: Path):
     if name == "kdd-dagmm":
         return load_splits("kddcup99", "kdd-dagmm", root=data_root)
     if name == "kdd-normal":
-        return load_splits("kddcup99", "kdd-normal", root=data_root, split_seed=seed)
+        return load_splits(
+            "kddcup99", "kdd-normal", root=data_root, split_seed=seed, max_train=KDD_NORMAL_TRAIN
+        )
     rng = np.random.default_rng(seed)
     if name == "mnist-3":
         train_normal, test_normal, anomalous = _mnist(data_root)
