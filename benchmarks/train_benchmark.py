@@ -25,17 +25,24 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from tables import TABLES, table_splits  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "train.jsonl"
 RUNS = ROOT / "runs" / "bench"
 DATA_ROOT = Path(os.environ.get("GANSENTRY_DATA", ROOT.parent / "shared" / "datasets"))
 GANS = ("ganomaly", "egbad", "memgan")
-BASELINES = ("iforest", "ocsvm", "knn")
+BASELINES = ("iforest", "ocsvm", "ecod", "knn")
 OCSVM_MAX_TRAIN = 10_000  # kernel SVMs are O(n^2); KDD's train split has ~200k rows
 PLANS = {
     "kdd": ("kddcup99", "kdd-dagmm", [None]),
     "mnist": ("mnist", "one-class-normal", [str(c) for c in range(10)]),
     "cifar10": ("cifar10", "one-class-normal", [str(c) for c in range(10)]),
+    # The tabular benchmark (benchmarks/tables.py): one job per table; kdd-dagmm is the kdd
+    # plan's, so its rows are shared with the table above.
+    "tables": ("tables", "novelty", [t for t in TABLES if t != "kdd-dagmm"]),
 }
 PUBLISHED = {
     ("mnist", "one-class-normal"): "Deep SVDD 0.948, OCGAN 0.975 (mean AUROC, 10 classes)",
@@ -71,9 +78,12 @@ def image_size(dataset: str) -> int | None:
     return 32 if dataset in ("mnist", "fashion-mnist", "cifar10") else None
 
 
-def job_splits(dataset: str, protocol: str, cls: str | None):
+def job_splits(dataset: str, protocol: str, cls: str | None, seed: int = 0):
+    """A job's splits; on the tables plan the split varies with the seed."""
     from training.data import load_splits
 
+    if dataset == "tables":
+        return table_splits(str(cls), seed, DATA_ROOT)
     size = image_size(dataset)
     return load_splits(dataset, protocol, normal_class=cls, root=DATA_ROOT, image_size=size)
 
@@ -112,6 +122,37 @@ def done_keys() -> set[str]:
     return {json.loads(line)["key"] for line in RESULTS.read_text().splitlines() if line.strip()}
 
 
+class _ECOD:
+    """ECOD (Li et al. 2022, "Unsupervised Outlier Detection Using Empirical Cumulative
+    Distribution Functions"), as PyOD computes it, fitted on the training normals only:
+    per feature, the negative log of the left and right tail probabilities under the
+    training rows' empirical distribution (smoothed, so values beyond every training row
+    stay finite), the tail chosen by the feature's skewness, summed over features. Written
+    here because PyOD pulls numba for this one formula."""
+
+    def fit(self, x):
+        import numpy as np
+        from scipy.stats import skew
+
+        self.sorted = np.sort(x, axis=0)
+        with np.errstate(all="ignore"):
+            self.skew_sign = np.sign(np.nan_to_num(skew(x, axis=0)))
+        return self
+
+    def decision_function(self, x):
+        import numpy as np
+
+        n = len(self.sorted)
+        cols = range(x.shape[1])
+        below = np.stack([np.searchsorted(self.sorted[:, j], x[:, j], "right") for j in cols], 1)
+        above = n - np.stack([np.searchsorted(self.sorted[:, j], x[:, j], "left") for j in cols], 1)
+        u_left = -np.log((below + 1) / (n + 1))
+        u_right = -np.log((above + 1) / (n + 1))
+        s = self.skew_sign
+        u_skew = u_left * -np.sign(s - 1) + u_right * np.sign(s + 1)
+        return -np.maximum(u_skew, (u_left + u_right) / 2).sum(axis=1)
+
+
 class _NearestDistance:
     """A fitted NearestNeighbors behind scikit-learn's outlier interface (higher
     decision_function = more normal), like the other baselines."""
@@ -140,7 +181,7 @@ def run_one(spec: dict) -> dict:
         spec["cls"],
         spec["seed"],
     )
-    splits = job_splits(dataset, protocol, cls)
+    splits = job_splits(dataset, protocol, cls, seed)
     t0 = time.perf_counter()
     extra: dict = {}
     hparams = dict(spec.get("hparams") or {})
@@ -172,6 +213,8 @@ def run_one(spec: dict) -> dict:
         x = flat(splits.train)
         if model == "iforest":
             est = IsolationForest(n_estimators=100, random_state=seed, n_jobs=1)
+        elif model == "ecod":
+            est = _ECOD()
         elif model == "knn":
             # EGBAD's tabular score on raw inputs: distance to the nearest distinct training
             # row, so the table shows what the encoder adds.
@@ -187,7 +230,7 @@ def run_one(spec: dict) -> dict:
         train_seconds = time.perf_counter() - t0
         scores = -est.decision_function(flat(splits.test))
         threshold = float(np.quantile(-est.decision_function(flat(splits.val)), 0.99))
-    metrics = evaluate_scores(scores, splits.test_labels, threshold, protocol)
+    metrics = evaluate_scores(scores, splits.test_labels, threshold, splits.protocol)
     return {
         **spec,
         "metrics": metrics,
@@ -206,6 +249,8 @@ def plan_jobs(args: argparse.Namespace) -> list[dict]:
         classes = args.classes or classes
         if protocol == "kdd-dagmm":
             classes = [None]
+        if plan == "tables" and args.tables:
+            classes = args.tables
         for seed in args.seeds:
             for cls in classes:
                 for model in args.models:
@@ -225,27 +270,42 @@ def plan_jobs(args: argparse.Namespace) -> list[dict]:
     return jobs
 
 
+LOCKS = RUNS / "locks"
+
+
 def run_plan(args: argparse.Namespace) -> None:
+    """Several invocations can share one plan (e.g. one per core): the results file is
+    read afresh before each job, and a lock file marks a job another invocation is running
+    (a killed invocation leaves its lock: delete runs/bench/locks/ before restarting)."""
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    LOCKS.mkdir(parents=True, exist_ok=True)
     for job in plan_jobs(args):
-        # Read afresh before each job, so several invocations can share one plan.
         if job["key"] in done_keys():
             print(f"skip {job['key']} (in {RESULTS.name})", flush=True)
             continue
-        print(f"run  {job['key']}", flush=True)
-        proc = subprocess.run(
-            [sys.executable, __file__, "--one", json.dumps(job)],
-            capture_output=True,
-            text=True,
-            cwd=ROOT,
-        )
-        if proc.returncode != 0:
-            print(f"FAIL {job['key']}: {proc.stderr.strip().splitlines()[-1:]}", flush=True)
+        lock = LOCKS / (job["key"].replace("/", "_") + ".lock")
+        try:
+            os.close(os.open(lock, os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            print(f"skip {job['key']} (running elsewhere: {lock.name})", flush=True)
             continue
-        result = json.loads(proc.stdout.strip().splitlines()[-1])
-        result.update(host=platform.node(), cpus=os.cpu_count(), finished=time.time())
-        with RESULTS.open("a") as f:
-            f.write(json.dumps(result) + "\n")
+        print(f"run  {job['key']}", flush=True)
+        try:
+            proc = subprocess.run(
+                [sys.executable, __file__, "--one", json.dumps(job)],
+                capture_output=True,
+                text=True,
+                cwd=ROOT,
+            )
+            if proc.returncode != 0:
+                print(f"FAIL {job['key']}: {proc.stderr.strip().splitlines()[-1:]}", flush=True)
+                continue
+            result = json.loads(proc.stdout.strip().splitlines()[-1])
+            result.update(host=platform.node(), cpus=os.cpu_count(), finished=time.time())
+            with RESULTS.open("a") as f:
+                f.write(json.dumps(result) + "\n")
+        finally:
+            lock.unlink(missing_ok=True)
         m = result["metrics"]
         print(
             f"done {job['key']}: auroc={m.get('auroc')} f1={m.get('f1')} "
@@ -301,6 +361,54 @@ def kdd_table(rows: list[dict], title: str) -> list[str]:
     return [*out, ""]
 
 
+REPORT_SEEDS = range(5)  # dev seeds (5-8) never enter the report tables
+
+
+def table_rows(rows: list[dict]) -> dict[str, list[dict]]:
+    """Table name -> its report-seed rows; kdd-dagmm's are the kdd plan's."""
+    out: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["seed"] not in REPORT_SEEDS:
+            continue
+        if r["dataset"] == "tables":
+            out.setdefault(r["cls"], []).append(r)
+        elif r["dataset"] == "kddcup99" and r["protocol"] == "kdd-dagmm":
+            out.setdefault("kdd-dagmm", []).append(r)
+    return out
+
+
+def tables_table(rows: list[dict], metric: str, title: str) -> list[str]:
+    """One line per model: `metric` per table (mean ± sd over seeds), the mean over
+    tables and the worst table."""
+    import numpy as np
+
+    by_table = table_rows(rows)
+    names = [t for t in TABLES if t in by_table]
+    if not names:
+        return []
+    sel = [r for t in names for r in by_table[t] if not r.get("hparams")]
+    out = [
+        f"### {title}",
+        "",
+        "| model | " + " | ".join(names) + " | mean over tables | worst table |",
+        "|---" * (len(names) + 3) + "|",
+    ]
+    for model in model_labels(sel):
+        cells, means = [], []
+        for t in names:
+            vals = [r["metrics"][metric] for r in by_table[t] if label(r) == model]
+            vals = [v for v in vals if v is not None]
+            cells.append(f"{_mean_sd(vals)} ({len(vals)})" if vals else "-")
+            if vals:
+                means.append(float(np.mean(vals)))
+        if len(means) == len(names):
+            summary = f"**{np.mean(means):.3f}** | {min(means):.3f}"
+        else:
+            summary = f"({len(means)}/{len(names)} tables) | -"
+        out.append(f"| {model} | " + " | ".join(cells) + f" | {summary} |")
+    return [*out, ""]
+
+
 def report() -> str:
     import numpy as np
 
@@ -349,6 +457,21 @@ def report() -> str:
         out += ["", "Cells: mean ± sample std over seeds where more than one seed ran.", ""]
     out += kdd_table(rows, "KDD Cup 99 (10%), kdd-dagmm protocol")
     out += [
+        "### Tabular benchmark",
+        "",
+        "`python benchmarks/train_benchmark.py --plan tables --seeds 0 1 2` (the tables are "
+        "described in `benchmarks/tables.py`): novelty protocol, trained on normal rows only, "
+        "validation normals for checkpoint selection and the threshold, every method on the "
+        "same split, which varies with the seed (kdd-dagmm: the kdd plan's rows, seeds 0-4, "
+        "fixed split). GANs with their default tabular hyperparameters only (variants are in "
+        "the KDD table above). Cells: mean ± sample "
+        "std over the report seeds (how many in brackets). Development seeds (5-8) are not "
+        "in these tables.",
+        "",
+        *tables_table(rows, "auroc", "AUROC"),
+        *tables_table(rows, "f1", "F1 at the calibrated threshold (what `is_anomaly` gives)"),
+    ]
+    out += [
         "### Training time and peak memory",
         "",
         "Jobs that shared the cores with others ran slower (see the notes above), so the "
@@ -358,9 +481,14 @@ def report() -> str:
         "peak RSS MB (max) |",
         "|---|---|---|---|---|---|",
     ]
-    for dataset in ("mnist", "cifar10", "kddcup99"):
+    for dataset in ("mnist", "cifar10", "kddcup99", *TABLES):
         for model in models:
-            sel = [r for r in rows if r["dataset"] == dataset and label(r) == model]
+            sel = [
+                r
+                for r in rows
+                if (r["dataset"] == dataset or r["dataset"] == "tables" and r["cls"] == dataset)
+                and label(r) == model
+            ]
             if sel:
                 secs = [r["train_seconds"] for r in sel]
                 out.append(
@@ -376,6 +504,7 @@ def main() -> None:
     p.add_argument("--plan", nargs="+", choices=sorted(PLANS), default=[])
     p.add_argument("--models", nargs="+", default=[*GANS, *BASELINES])
     p.add_argument("--classes", nargs="+", default=None)
+    p.add_argument("--tables", nargs="+", choices=sorted(TABLES), default=None)
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--epochs", type=int, default=None, help="default: each model's own")
     p.add_argument(

@@ -195,38 +195,3 @@ def test_ganomaly_feature_mahalanobis_score_is_fitted_on_normals_and_exported(tm
 def test_unknown_score_method_is_refused():
     with pytest.raises(ValueError, match="score_method"):
         build_model("ganomaly", IMAGE, score_method="typo", **small("ganomaly", IMAGE))
-
-
-def test_egbad_knn_score_is_the_distance_to_the_nearest_training_code(tmp_path):
-    torch.manual_seed(0)
-    h = {**small("egbad", TABULAR), "score_method": "knn", "knn_max_reference": 20}
-    model = build_model("egbad", TABULAR, **h)
-    model.training_step(batch(TABULAR, 8))
-    model.eval()
-    with pytest.raises(RuntimeError, match="fit_score"):
-        model.score(batch(TABULAR))
-    g = torch.Generator().manual_seed(3)
-    distinct = torch.rand(12, *TABULAR.shape, generator=g)
-    assert model.fit_score(torch.cat([distinct, distinct, distinct[:4]]))
-    # Duplicates are encoded once, and every distinct row is kept under the cap.
-    assert model.knn_codes.shape == (12, h["latent_dim"])
-    x = torch.rand(7, *TABULAR.shape, generator=g)
-    with torch.no_grad():
-        score, _ = model.score(x)
-        assert float(model.score(distinct)[0].max()) < 1e-3
-        codes = model.ema_enc(model.to_model_space(distinct))[0]
-        z = model.ema_enc(model.to_model_space(x))[0]
-    torch.testing.assert_close(score, torch.cdist(z, codes).min(dim=1).values, rtol=1e-4, atol=1e-4)
-    # Loading resizes the reference set; the exported graph carries it.
-    copy = build_model("egbad", TABULAR, **h)
-    copy.load_state_dict(model.state_dict())
-    torch.testing.assert_close(copy.eval().score(x)[0], score)
-    # Training rows themselves (distance ~0) are where a careless distance loses parity.
-    assert (
-        export_onnx(model.scorer(), torch.cat([x[:3], distinct[:3]]), tmp_path / "m.onnx") <= 1e-4
-    )
-    # Above the cap, a fixed random subset of the distinct rows.
-    capped = build_model("egbad", TABULAR, **{**h, "knn_max_reference": 5})
-    capped.load_state_dict(model.state_dict())
-    capped.fit_score(distinct)
-    assert capped.knn_codes.shape == (5, h["latent_dim"])

@@ -83,6 +83,11 @@ KDD_NAMES = [
 SUBDIRS = ["kddcup99", "kdd", "kddcup", "."]
 ANOMALY_LABEL = "normal"  # the DAGMM protocol's twist: normal traffic is the minority class
 TEST_ANOMALY_RATIO = 0.2
+# kdd-normal, the other direction: "normal." traffic is normal and attacks are anomalies.
+# Attacks are 80% of the file; the test set keeps 5% of them, a rate a network monitor
+# meets, which also keeps the test set (and its runtime) near the normal traffic's size.
+NORMAL_TEST_ANOMALY_RATIO = 0.05
+KDD_PROTOCOLS = ("kdd-dagmm", "kdd-normal")
 
 
 def locate_kdd(root: Path) -> Path:
@@ -138,13 +143,14 @@ def raw_columns(raw: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.nd
     }
 
 
-def subsample_test(labels: np.ndarray, rows: np.ndarray, seed: int) -> np.ndarray:
-    """Keep rows so anomalies make up TEST_ANOMALY_RATIO of the test set, dropping surplus
+def subsample_test(
+    labels: np.ndarray, rows: np.ndarray, seed: int, ratio: float = TEST_ANOMALY_RATIO
+) -> np.ndarray:
+    """Keep rows so anomalies make up `ratio` of the test set, dropping surplus
     anomalies (or, when there are too few, surplus normals), then shuffle."""
     rng = np.random.RandomState(seed)
     normal, anomalous = rows[labels[rows] == 0], rows[labels[rows] == 1]
     anomalous = anomalous[rng.permutation(len(anomalous))]
-    ratio = TEST_ANOMALY_RATIO
     n_anom = min(len(anomalous), int(len(normal) * ratio / (1 - ratio)))
     n_norm = min(len(normal), round(n_anom * (1 - ratio) / ratio))
     normal = normal[np.sort(rng.permutation(len(normal))[:n_norm])]
@@ -161,12 +167,16 @@ def kdd_dagmm_splits(
     dataset: str,
     log_columns: list[str] | None = None,
     preprocessing: TabularPreprocessing | None = None,
+    protocol: str = "kdd-dagmm",
 ) -> Splits:
     """DAGMM/EGBAD protocol: "normal." traffic is the anomaly (label 1); a random 50/50
     split; train on the train half's non-anomalies (val carved from them); the test half
     subsampled to 20% anomalies; vocabularies from the whole file (the published 121-feature
     encoding), min-max scaling (of log(1 + v) for `log_columns`) fitted on the train split
-    only."""
+    only. `kdd-normal` is the same with the roles swapped: "normal." traffic is normal,
+    attacks are the anomaly, subsampled to 5% of the test half."""
+    if protocol not in KDD_PROTOCOLS:
+        raise DataError(f"unknown KDD protocol {protocol!r}; choose {' or '.join(KDD_PROTOCOLS)}")
     from sklearn.model_selection import train_test_split
 
     bad = [c for c in log_columns or [] if c not in KDD_NUMERIC]
@@ -175,21 +185,25 @@ def kdd_dagmm_splits(
             f"log-scaled column(s) {bad} must be numeric KDD fields, e.g. {', '.join(KDD_COUNTS)}"
         )
     raw = load_kdd_raw(path)
-    labels = (raw["label"] == ANOMALY_LABEL).astype(np.int64)
+    is_normal_traffic = raw["label"] == ANOMALY_LABEL
+    dagmm = protocol == "kdd-dagmm"
+    labels = (is_normal_traffic if dagmm else ~is_normal_traffic).astype(np.int64)
     n = len(labels)
     if labels.sum() == 0 or labels.sum() == n:
         raise DataError(f"{path}: needs both 'normal.' and attack records, found only one kind")
     train_half, test_half = train_test_split(np.arange(n), test_size=0.5, random_state=split_seed)
     pool = train_half[labels[train_half] == 0]
     if len(pool) < 2:
-        raise DataError(f"{path}: only {len(pool)} attack record(s) in the training half")
+        kind = "attack" if dagmm else "normal"
+        raise DataError(f"{path}: only {len(pool)} {kind} record(s) in the training half")
     pool = pool[np.random.RandomState(split_seed + 1).permutation(len(pool))]
     n_val = max(1, int(round(len(pool) * val_fraction)))
     val_rows, train_rows = np.sort(pool[:n_val]), np.sort(pool[n_val:])
     if max_train is not None and len(train_rows) > max_train:
         keep = np.random.RandomState(split_seed + 2).permutation(len(train_rows))[:max_train]
         train_rows = np.sort(train_rows[keep])
-    test_rows = subsample_test(labels, test_half, split_seed)
+    ratio = TEST_ANOMALY_RATIO if dagmm else NORMAL_TEST_ANOMALY_RATIO
+    test_rows = subsample_test(labels, test_half, split_seed, ratio)
 
     vocab = {name: sorted(set(raw[name].tolist())) for name in KDD_SYMBOLIC}
     prep = preprocessing or fit_tabular(
@@ -205,7 +219,7 @@ def kdd_dagmm_splits(
         )
     except InputError as e:
         raise DataError(f"{path}: {e}") from e
-    attacks = sorted(set(raw["label"][labels == 0].tolist()))
+    attacks = sorted(set(raw["label"][~is_normal_traffic].tolist()))
     return Splits(
         train=train,
         val=val,
@@ -217,9 +231,9 @@ def kdd_dagmm_splits(
             preprocessing=prep,
         ),
         dataset=dataset,
-        protocol="kdd-dagmm",
-        normal_classes=attacks,
-        anomalous_classes=[ANOMALY_LABEL],
+        protocol=protocol,
+        normal_classes=attacks if dagmm else [ANOMALY_LABEL],
+        anomalous_classes=[ANOMALY_LABEL] if dagmm else attacks,
         split_seed=split_seed,
         test_classes=raw["label"][test_rows],
     )

@@ -18,12 +18,13 @@ from training.data.result import Splits
 __all__ = ["DATASETS", "PROTOCOLS", "DEFAULT_SEEDS", "DataError", "Splits", "load_splits"]
 
 DATASETS = ("mnist", "fashion-mnist", "cifar10", "kddcup99")
-PROTOCOLS = ("one-class-normal", "one-class-anomalous", "kdd-dagmm", "custom")
+PROTOCOLS = ("one-class-normal", "one-class-anomalous", "kdd-dagmm", "kdd-normal", "custom")
 # The public protocols' fixed split seeds. `custom` has none: it is split with `seed`.
 DEFAULT_SEEDS = {
     "one-class-normal": 0,
     "one-class-anomalous": 0,
     "kdd-dagmm": 42,  # the DAGMM/EGBAD reference split
+    "kdd-normal": 42,
 }
 ALIASES = {
     "fashion_mnist": "fashion-mnist",
@@ -118,7 +119,7 @@ def load_splits(
                 fetch(name, root, base_url=download_base_url)
         if name == "kddcup99":
             protocol = protocol or "kdd-dagmm"
-            _check_protocol(protocol, ("kdd-dagmm",), "kddcup99")
+            _check_protocol(protocol, kdd.KDD_PROTOCOLS, "kddcup99")
             seed = DEFAULT_SEEDS[protocol] if split_seed is None else split_seed
             return _public(
                 kdd.kdd_dagmm_splits(
@@ -127,6 +128,7 @@ def load_splits(
                     dataset=name,
                     log_columns=log_columns,
                     preprocessing=preprocessing,
+                    protocol=protocol,
                     **common,
                 ),
                 split_seed,
@@ -156,7 +158,7 @@ def load_splits(
         )
     if _is_kdd_file(path):
         protocol = protocol or "kdd-dagmm"
-        _check_protocol(protocol, ("kdd-dagmm",), str(path))
+        _check_protocol(protocol, kdd.KDD_PROTOCOLS, str(path))
         seed = DEFAULT_SEEDS[protocol] if split_seed is None else split_seed
         return _public(
             kdd.kdd_dagmm_splits(
@@ -165,6 +167,7 @@ def load_splits(
                 dataset=str(path),
                 log_columns=log_columns,
                 preprocessing=preprocessing,
+                protocol=protocol,
                 **common,
             ),
             split_seed,

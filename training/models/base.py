@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from gansentry.manifest import ImageInput, TabularInput
+from training.models.blocks import NearestCode
 
 InputSpec = ImageInput | TabularInput
 
@@ -29,6 +30,8 @@ class AnomalyGAN(nn.Module, ABC):
         self.hparams = dict(hparams)
         self._optimizers: dict[str, torch.optim.Optimizer] | None = None
         self._init_contrast_norm()
+        if self.knn_scored:
+            self.nearest = NearestCode(hparams["latent_dim"])
 
     @property
     def is_image(self) -> bool:
@@ -138,17 +141,34 @@ class AnomalyGAN(nn.Module, ABC):
         """x in the contract range -> (score [N] float32, higher = more anomalous;
         reconstruction with x's shape and range). Call in eval mode."""
 
+    @abstractmethod
+    def code(self, x: Tensor) -> Tensor:
+        """x in the contract range -> the latent code [N, latent_dim] that the `knn` score
+        compares with the training normals' codes (eval mode)."""
+
+    @property
+    def knn_scored(self) -> bool:
+        return self.hparams.get("score_method") == "knn"
+
+    @torch.no_grad()
     def fit_score(self, train_x: Tensor) -> bool:
         """Fit whatever the score needs from the training normals, once the checkpoint is
-        chosen and before the threshold is calibrated; True if anything was fitted. Most
+        chosen and before the threshold is calibrated; True if anything was fitted. The
+        `knn` score encodes the distinct training normals (`NearestCode`); most other
         scores need nothing."""
-        return False
+        if not self.knn_scored:
+            return False
+        was_training = self.training
+        self.eval()
+        self.nearest.fit(train_x, self.code, self.hparams["knn_max_reference"])
+        self.train(was_training)
+        return True
 
     @property
     def score_is_fitted(self) -> bool:
         """True if `score` depends on `fit_score`: before it, the score means nothing (or
         cannot be computed), so training does not log it per epoch."""
-        return False
+        return self.knn_scored
 
     def selection_metric(self, x: Tensor) -> Tensor:
         """Per-sample label-free quantity on validation normals; the epoch with the lowest

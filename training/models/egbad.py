@@ -64,13 +64,13 @@ class EGBAD(AnomalyGAN):
             ema.load_state_dict(live.state_dict())
             ema.requires_grad_(False)
         self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
-        # Filled by fit_score; its length is the reference set's, so loading resizes it.
-        self.register_buffer("knn_codes", torch.zeros(0, hparams["latent_dim"]))
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
-        codes = state_dict.get(prefix + "knn_codes")
-        if codes is not None:
-            self.knn_codes = torch.empty_like(codes, device=self.knn_codes.device)
+        # Runs trained before the shared nearest-code block stored uncentred codes here.
+        codes = state_dict.pop(prefix + "knn_codes", None)
+        if codes is not None and len(codes) and hasattr(self, "nearest"):
+            state_dict[prefix + "nearest.codes"] = codes
+            state_dict[prefix + "nearest.centre"] = torch.zeros(codes.shape[1])
         super()._load_from_state_dict(state_dict, prefix, *args)
 
     def _pairs(self) -> list[tuple[nn.Module, nn.Module]]:
@@ -132,50 +132,16 @@ class EGBAD(AnomalyGAN):
         z = self.ema_enc(x)[0]
         return z, self.ema_gen(z)
 
-    @property
-    def score_is_fitted(self) -> bool:
-        return self.hparams["score_method"] == "knn"
-
-    @torch.no_grad()
-    def fit_score(self, train_x: Tensor, batch_size: int = 4096) -> bool:
-        """knn: encode the distinct training normals (at most `knn_max_reference`, a fixed
-        random subset beyond that). Deduplicating first matters on KDD, where 178k training
-        rows hold 33k distinct records: every distinct record, rare attack types included,
-        gets its own code, so rare but normal records are not flagged for being rare."""
-        if not self.score_is_fitted:
-            return False
-        rows = torch.unique(train_x.flatten(1), dim=0).reshape(-1, *train_x.shape[1:])
-        limit = self.hparams["knn_max_reference"]
-        if len(rows) > limit:
-            gen = torch.Generator().manual_seed(0)
-            rows = rows[torch.randperm(len(rows), generator=gen)[:limit].to(rows.device)]
-        was_training = self.training
-        self.eval()
-        self.knn_codes = torch.cat(
-            [
-                self.ema_enc(self.to_model_space(rows[i : i + batch_size]))[0]
-                for i in range(0, len(rows), batch_size)
-            ]
-        )
-        self.train(was_training)
-        return True
-
-    def _nearest_code_distance(self, z: Tensor) -> Tensor:
-        if len(self.knn_codes) == 0:
-            raise RuntimeError("score_method 'knn' needs fit_score(training normals) first")
-        ref = self.knn_codes
-        d2 = z.pow(2).sum(1, keepdim=True) - 2.0 * z @ ref.T + ref.pow(2).sum(1)
-        # The expansion cancels catastrophically near 0 (a training row's own code), where
-        # PyTorch and ONNX Runtime then disagree: it only picks the neighbour.
-        nearest = ref[d2.argmin(dim=1)]
-        return (z - nearest).pow(2).sum(dim=1).sqrt()
+    def code(self, x: Tensor) -> Tensor:
+        # The EMA encoder, which every EGBAD score uses.
+        return self.ema_enc(self.to_model_space(x))[0]
 
     def score(self, x: Tensor) -> tuple[Tensor, Tensor]:
         w = self.hparams["score_weight"]
         xm = self.to_model_space(x)
         z, x_rec = self._reconstruct(xm)
         if self.hparams["score_method"] == "knn":
-            return self._nearest_code_distance(z), self.from_model_space(x_rec, x)
+            return self.nearest(z), self.from_model_space(x_rec, x)
         if self.hparams["score_method"] == "latent":
             # On KDD the data-space error is mostly one-hot mismatches, which rare attack
             # types share with normal traffic; the code's round trip tells them apart.

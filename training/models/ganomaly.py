@@ -1,5 +1,8 @@
 """GANomaly (Akcay et al. 2018): encoder-decoder-encoder generator, anomaly score =
-distance between the latent code of x and that of its reconstruction."""
+distance between the latent code of x and that of its reconstruction (`latent`, the
+paper's). Alternatives: the L1 reconstruction error, a Gaussian on the encoder's features
+(`feature-mahalanobis`), and the distance from the first encoder's code to the nearest code
+of a training normal (`knn`)."""
 
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from training.models.blocks import (
 )
 
 D_COLLAPSE = 1e-5
-SCORE_METHODS = ("latent", "feature-mahalanobis")
+SCORE_METHODS = ("latent", "feature-mahalanobis", "reconstruction", "knn")
 
 
 class GANomaly(AnomalyGAN):
@@ -104,7 +107,10 @@ class GANomaly(AnomalyGAN):
 
     @property
     def score_is_fitted(self) -> bool:
-        return self.feature_scored
+        return self.feature_scored or self.knn_scored
+
+    def code(self, x: Tensor) -> Tensor:
+        return self.enc1(self.to_model_space(x))[0]
 
     @torch.no_grad()
     def fit_score(self, train_x: Tensor, batch_size: int = 512) -> bool:
@@ -113,7 +119,7 @@ class GANomaly(AnomalyGAN):
         statistics it removed (channel means, log contrast), so exposure and colour cast
         still count, weighted like the features rather than drowned by their dimensions."""
         if not self.feature_scored:
-            return False
+            return super().fit_score(train_x)
         was_training = self.training
         self.eval()
         feats = torch.cat(
@@ -131,9 +137,15 @@ class GANomaly(AnomalyGAN):
         return True
 
     def score(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        z, features = self.enc1(self.to_model_space(x))
+        xm = self.to_model_space(x)
+        z, features = self.enc1(xm)
         x_hat = self.dec(z)
         recon = self.from_model_space(x_hat, x)
+        method = self.hparams["score_method"]
+        if method == "knn":
+            return self.nearest(z), recon
+        if method == "reconstruction":
+            return (xm - x_hat).abs().flatten(1).mean(dim=1), recon
         if self.feature_scored:
             d = (features - self.feature_mean) @ self.feature_whitening
             score = d.pow(2).mean(dim=1)

@@ -1,6 +1,8 @@
 """MEMGAN (Yang et al. 2020): a BiGAN with a learnable memory M in latent space. Encodings
 are projected onto the convex hull of M, P(z) = softmax(z M^T) M; normal data lies inside
-it, anomalies do not and reconstruct poorly, so the score is ||x - G(P(E(x)))||_2."""
+it, anomalies do not and reconstruct poorly, so the paper's score is ||x - G(P(E(x)))||_2
+(`reconstruction`). Alternatives: how far the projection moves the code, ||E(x) - P(E(x))||
+(`memory`), and the distance from E(x) to the nearest code of a training normal (`knn`)."""
 
 from __future__ import annotations
 
@@ -13,13 +15,20 @@ from training.models.base import AnomalyGAN, InputSpec, bce
 from training.models.bigan import build_bigan
 from training.models.blocks import init_weights
 
+SCORE_METHODS = ("reconstruction", "memory", "knn")
+
 
 class MEMGAN(AnomalyGAN):
     arch = "memgan"
-    selection_rule = "lowest mean validation-normal score"
+    selection_rule = "lowest mean validation-normal reconstruction error"
 
     def __init__(self, spec: InputSpec, **hparams: Any):
         super().__init__(spec, hparams)
+        if hparams["score_method"] not in SCORE_METHODS:
+            raise ValueError(
+                f"score_method must be one of {', '.join(SCORE_METHODS)}, "
+                f"got {hparams['score_method']!r}"
+            )
         self.enc, self.gen, self.disc = build_bigan(spec, hparams)
         init_weights(self)
         self.memory = nn.Parameter(torch.randn(hparams["memory_units"], hparams["latent_dim"]))
@@ -70,10 +79,26 @@ class MEMGAN(AnomalyGAN):
             "mi": l_mi.item(),
         }
 
+    def code(self, x: Tensor) -> Tensor:
+        return self.enc(self.to_model_space(x))[0]
+
     def score(self, x: Tensor) -> tuple[Tensor, Tensor]:
         xm = self.to_model_space(x)
-        x_rec = self.gen(self.project(self.enc(xm)[0]))
-        return (xm - x_rec).flatten(1).norm(dim=1), self.from_model_space(x_rec, x)
+        z = self.enc(xm)[0]
+        z_proj = self.project(z)
+        x_rec = self.gen(z_proj)
+        recon = self.from_model_space(x_rec, x)
+        method = self.hparams["score_method"]
+        if method == "knn":
+            return self.nearest(z), recon
+        if method == "memory":
+            return (z - z_proj).norm(dim=1), recon
+        return (xm - x_rec).flatten(1).norm(dim=1), recon
+
+    def selection_metric(self, x: Tensor) -> Tensor:
+        # The paper's score, whichever score is used: it needs nothing fitted.
+        xm = self.to_model_space(x)
+        return (xm - self.gen(self.project(self.enc(xm)[0]))).flatten(1).norm(dim=1)
 
     @torch.no_grad()
     def visuals(self) -> dict[str, Tensor]:
