@@ -114,6 +114,24 @@ def test_parity_is_judged_at_the_scores_scale_and_by_ranking() -> None:
     assert any("decision(s) at the threshold differ" in m for m in problems)
 
 
+def test_parity_scale_survives_half_the_batch_at_zero() -> None:
+    """Half the parity batch are validation normals; on a table with repeated records most
+    of them repeat a training row, so their nearest-code score is 0 and the batch's
+    interquartile range is float32 noise. Such a model's encoder, exact to ~2e-4 in float32,
+    must still export (the kdd-memgan case), while a graph off by a tenth still fails."""
+    rng = np.random.default_rng(3)
+    pt = np.concatenate(
+        [np.zeros(34), rng.random(24) * 0.003, 0.05 + rng.random(6) * 0.5]
+    ).astype(np.float32)
+    recon = np.zeros((len(pt), 3), np.float32)
+    ort = pt + rng.random(len(pt)).astype(np.float32) * 2e-4
+    assert compare(pt, ort, recon, recon, threshold=0.0028).problems(PARITY_TOLERANCE) == []
+    off = pt.copy()
+    off[-6:] += 0.1
+    problems = compare(pt, off, recon, recon, threshold=0.0028).problems(PARITY_TOLERANCE)
+    assert any("of their spread" in m for m in problems)
+
+
 # ---------------------------------------------------------------- through export
 
 
