@@ -128,14 +128,15 @@ def markdown(path: Path = RESULTS) -> str:
         "",
         f"Generated from `{path.relative_to(HERE.parent)}` by `benchmarks/score_candidates.py` "
         "(commands at the top): each run trains once with the defaults of the time and "
-        "scores its selected checkpoint with every candidate score. Cells: mean AUROC over "
+        "scores its selected checkpoint with every candidate score (rows naming a variant "
+        "trained with that setting). Cells: mean AUROC over "
         "the development seeds that ran (how many in brackets); the report seeds (0-4) were "
         "not run here.",
         "",
     ]
     for arch, methods in CANDIDATES.items():
-        sel = [r for r in rows if r["arch"] == arch and not r["hparams"]]
-        if not sel:
+        runs = [r for r in rows if r["arch"] == arch]
+        if not runs:
             continue
         out += [
             f"### {arch}",
@@ -143,7 +144,9 @@ def markdown(path: Path = RESULTS) -> str:
             "| score | " + " | ".join(tables) + " | mean | worst |",
             "|---" * (len(tables) + 3) + "|",
         ]
-        for method in methods:
+        variants = sorted({variant(r["hparams"]) for r in runs})
+        for method, var in ((m, v) for v in variants for m in methods):
+            sel = [r for r in runs if variant(r["hparams"]) == var]
             means, cells = [], []
             for t in tables:
                 vals = [r["scores"][method]["auroc"] for r in sel if r["table"] == t]
@@ -151,6 +154,7 @@ def markdown(path: Path = RESULTS) -> str:
                 if vals:
                     means.append(float(np.mean(vals)))
             summary = f"{np.mean(means):.3f} | {min(means):.3f}" if means else "- | -"
-            out.append(f"| `{method}` | " + " | ".join(cells) + f" | {summary} |")
+            name = f"`{method}`" + (f" ({var})" if var else "")
+            out.append(f"| {name} | " + " | ".join(cells) + f" | {summary} |")
         out.append("")
     return "\n".join(out) + "\n"

@@ -5,9 +5,11 @@ only, keep a validation fraction of normals for checkpoint selection and the thr
 test on held-out normals plus anomalies at a realistic rate. Every table is split by
 `table_splits(name, seed)`; the split (and the anomalies drawn into the test set) varies
 with the seed, the generated tables themselves do not (they are made by `generate`, with a
-fixed seed per table, so every number is reproducible). Features are min-max scaled with the
-scaling fitted on the training normals, by the same `fit_tabular`/`encode_columns` the
-`custom` protocol and the service use.
+fixed seed per table, so every number is reproducible). Apart from KDD, each table goes
+through the user path: it is written as an NPZ of normal rows plus a labelled test NPZ
+(`runs/tables/`) and loaded as `gansentry train --dataset normal.npz --test test.npz --seed S`
+loads it (the `custom` protocol: 10% of the normals held out for validation by the seed,
+min-max scaling fitted on the training rows).
 
 Tables:
 
@@ -38,6 +40,7 @@ import numpy as np
 
 TEST_FRACTION = 0.3
 VAL_FRACTION = 0.1
+FILES = Path(__file__).resolve().parent.parent / "runs" / "tables"
 # kdd-normal's 44k training normals, capped (a random subset, fixed per seed) so that nine
 # GAN runs fit the benchmark's CPU budget; the development run of seed 5 used all of them.
 KDD_NORMAL_TRAIN = 10_000
@@ -130,38 +133,26 @@ def _mnist(root: Path, digit: int = 3):
     )
 
 
-def _splits(name, train, val, test_normal, anomalous, rng, names=None):
-    from gansentry.manifest import TabularInput
-    from gansentry.preprocessing import encode_columns, fit_tabular
-    from training.data import Splits
-
+def _files(name: str, seed: int, normal: np.ndarray, test_normal, anomalous, rng, names=None):
+    """Write the table as a user would hand it over: an NPZ of normal rows to train on and a
+    labelled test NPZ (test normals plus anomalies at the table's rate); -> their paths."""
     rate = TABLES[name].anomaly_rate
     n_anom = min(len(anomalous), max(1, round(len(test_normal) * rate / (1 - rate))))
     anomalous = anomalous[np.sort(rng.choice(len(anomalous), n_anom, replace=False))]
-    test = np.concatenate([test_normal, anomalous])
-    labels = np.concatenate([np.zeros(len(test_normal), np.int64), np.ones(n_anom, np.int64)])
-    names = (
-        [str(n) for n in names] if names is not None else [f"f{i}" for i in range(train.shape[1])]
+    names = np.array([str(n) for n in names] if names is not None else [], dtype=str)
+    if not len(names):
+        names = np.array([f"f{i}" for i in range(normal.shape[1])])
+    folder = FILES / f"{name}-seed{seed}"
+    folder.mkdir(parents=True, exist_ok=True)
+    train_path, test_path = folder / "normal.npz", folder / "test.npz"
+    np.savez(train_path, x=normal, feature_names=names)
+    np.savez(
+        test_path,
+        x=np.concatenate([test_normal, anomalous]),
+        y=np.concatenate([np.zeros(len(test_normal), np.int64), np.ones(n_anom, np.int64)]),
+        feature_names=names,
     )
-
-    def cols(x: np.ndarray) -> dict[str, np.ndarray]:
-        return {n: x[:, j] for j, n in enumerate(names)}
-
-    prep = fit_tabular(cols(train), [], "minmax")
-    return Splits(
-        train=encode_columns(cols(train), prep),
-        val=encode_columns(cols(val), prep),
-        test=encode_columns(cols(test), prep),
-        test_labels=labels,
-        input_spec=TabularInput(
-            num_features=prep.num_features, feature_names=prep.feature_names(), preprocessing=prep
-        ),
-        dataset=name,
-        protocol="custom",
-        normal_classes=["normal"],
-        anomalous_classes=["anomalous"],
-        split_seed=0,
-    )
+    return train_path, test_path
 
 
 def table_splits(name: str, seed: int, data_root: Path):
@@ -177,25 +168,20 @@ def table_splits(name: str, seed: int, data_root: Path):
             "kddcup99", "kdd-normal", root=data_root, split_seed=seed, max_train=KDD_NORMAL_TRAIN
         )
     rng = np.random.default_rng(seed)
+    names = None
     if name == "mnist-3":
-        train_normal, test_normal, anomalous = _mnist(data_root)
-        order = rng.permutation(len(train_normal))
-        n_val = round(len(order) * VAL_FRACTION)
-        val, train = train_normal[order[:n_val]], train_normal[order[n_val:]]
-        splits = _splits(name, train, val, test_normal, anomalous, rng)
+        normal, test_normal, anomalous = _mnist(data_root)
     else:
-        names = None
         if name in GENERATED:
-            normal, anomalous = generate(name)
+            rows, anomalous = generate(name)
         else:
-            normal, anomalous, names = _sklearn(name)
-        order = rng.permutation(len(normal))
-        n_test = round(len(normal) * TABLES[name].test_fraction)
-        n_val = max(2, round(len(normal) * VAL_FRACTION))
-        test_rows, val_rows = order[:n_test], order[n_test : n_test + n_val]
-        train_rows = order[n_test + n_val :]
-        splits = _splits(
-            name, normal[train_rows], normal[val_rows], normal[test_rows], anomalous, rng, names
-        )
-    splits.split_seed = seed
+            rows, anomalous, names = _sklearn(name)
+        order = rng.permutation(len(rows))
+        n_test = round(len(rows) * TABLES[name].test_fraction)
+        test_normal, normal = rows[order[:n_test]], rows[order[n_test:]]
+    train_path, test_path = _files(name, seed, normal, test_normal, anomalous, rng, names)
+    splits = load_splits(
+        str(train_path), "custom", seed=seed, val_fraction=VAL_FRACTION, test=str(test_path)
+    )
+    splits.dataset = name
     return splits

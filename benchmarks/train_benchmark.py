@@ -371,7 +371,7 @@ def tables_table(rows: list[dict], metric: str, title: str) -> list[str]:
     names = [t for t in TABLES if t in by_table]
     if not names:
         return []
-    sel = [r for t in names for r in by_table[t]]
+    sel = [r for t in names for r in by_table[t] if not r.get("hparams")]
     out = [
         f"### {title}",
         "",
@@ -448,7 +448,8 @@ def report() -> str:
         "described in `benchmarks/tables.py`): novelty protocol, trained on normal rows only, "
         "validation normals for checkpoint selection and the threshold, every method on the "
         "same split, which varies with the seed (kdd-dagmm: the kdd plan's rows, seeds 0-4, "
-        "fixed split). GANs with their default tabular hyperparameters. Cells: mean ± sample "
+        "fixed split). GANs with their default tabular hyperparameters only (variants are in "
+        "the KDD table above). Cells: mean ± sample "
         "std over the report seeds (how many in brackets). Development seeds (5-8) are not "
         "in these tables.",
         "",

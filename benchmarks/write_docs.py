@@ -12,6 +12,7 @@ comes from a command in this folder:
         gen-dependency breast-cancer wine --seeds 5 6 7     # -> results/candidates.jsonl
     python benchmarks/score_candidates.py --tables kdd-normal --seeds 5 --archs ganomaly egbad
     python benchmarks/train_benchmark.py --plan tables --seeds 0 1 2      # all models
+    python benchmarks/export_check.py --seeds 0               # -> results/export.jsonl
     python benchmarks/train_benchmark.py --plan mnist                     # (all models)
     python benchmarks/train_benchmark.py --plan mnist --seeds 1             # (all models)
     python benchmarks/train_benchmark.py --plan cifar10 --models ganomaly iforest ocsvm
@@ -43,6 +44,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import epoch_trace  # noqa: E402
+import export_check  # noqa: E402
 import redis_benchmark  # noqa: E402
 import score_candidates  # noqa: E402
 import serve_benchmark  # noqa: E402
@@ -107,6 +109,8 @@ def main() -> None:
         parts += [NOTES.read_text().strip(), ""]
     if (RESULTS / "train.jsonl").exists():
         parts.append(train_benchmark.report())
+    if export_check.RESULTS.exists():
+        parts.append(export_check.markdown())
     if score_candidates.RESULTS.exists():
         parts.append(score_candidates.markdown())
     if epoch_trace.RESULTS.exists():

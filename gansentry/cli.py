@@ -19,6 +19,7 @@ Command = Callable[[argparse.Namespace], int | None]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from gansentry import score as score_cli
     from service import cli as service_cli
     from training import cli as training_cli
 
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     training_cli.register(sub)
+    score_cli.register(sub)
     service_cli.register(sub)
     return parser
 

@@ -159,6 +159,8 @@ class Manifest(_Strict):
     threshold: Threshold
     provenance: Provenance
     metrics: dict[str, float | None] = {}
+    # Why metrics are null where they are (e.g. no labelled anomalies to test on).
+    metrics_note: str | None = None
     onnx: OnnxInfo
     created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
 

@@ -65,8 +65,10 @@ def test_image_folder_errors(tmp_path):
     (folder / "anomalous" / "0000.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     with pytest.raises(DataError, match=r"anomalous/0000\.png"):
         load_splits(str(folder))
-    with pytest.raises(DataError, match="only 2 normal sample"):
-        load_splits(str(make_image_folder(tmp_path / "tiny", 2, 0)))
+    with pytest.raises(DataError, match="only 1 normal sample"):
+        load_splits(str(make_image_folder(tmp_path / "tiny", 1, 0)))
+    with pytest.raises(DataError, match="only 2 normal sample.*train, validation and test"):
+        load_splits(str(make_image_folder(tmp_path / "tiny2", 2, 1)))
     with pytest.raises(DataError, match="'one-class-normal' does not apply"):
         load_splits(str(make_image_folder(tmp_path / "ok", 5, 0)), "one-class-normal")
 

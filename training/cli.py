@@ -76,7 +76,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--model", required=True, metavar="{" + ",".join(MODELS) + "}")
     _data_args(t, defaults_from_run=False)
     t.add_argument("--epochs", type=int, help="default: the model's paper schedule")
-    t.add_argument("--seed", type=int, default=0, help="training seed")
+    t.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="training seed; also splits your own data (public protocols keep their fixed split)",
+    )
+    t.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.1,
+        help="share of the normal rows held out to select the checkpoint and the threshold "
+        "(default 0.1)",
+    )
+    t.add_argument(
+        "--test",
+        help="a labelled table (CSV/NPZ) or image folder (normal/, anomalous/) to test on, "
+        "scored whole; read with the same --label-column and --symbolic-columns",
+    )
     t.add_argument("--out", type=Path, required=True, help="run folder, e.g. runs/NAME")
     t.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     t.add_argument("--device", default="auto", metavar="{" + ",".join(DEVICES) + "}")
@@ -164,9 +181,11 @@ def run_train(args: argparse.Namespace) -> int:
         _positive(value, what)
     if not 0 < args.threshold_quantile < 1:
         raise CliError(f"--threshold-quantile must be in (0, 1), got {args.threshold_quantile}")
+    if not 0 < args.val_fraction < 0.5:
+        raise CliError(f"--val-fraction must be between 0 and 0.5, got {args.val_fraction}")
     hparams = parse_hparams(args.hparam)
     with user_errors():
-        from training.train import TrainConfig, train
+        from training.train import TrainConfig, report_split, train
 
         cfg = TrainConfig(
             model=args.model,
@@ -190,8 +209,15 @@ def run_train(args: argparse.Namespace) -> int:
             threshold_quantile=args.threshold_quantile,
             time_budget=args.time_budget,
             hparams=hparams,
+            val_fraction=args.val_fraction,
+            test=args.test,
         )
-        run_dir = train(cfg, progress=not args.no_progress)
+        run_dir = train(cfg, progress=not args.no_progress, on_split=report_split)
+    run_dir = Path(run_dir).resolve()
+    print(
+        f"run saved in {run_dir}; export it with: gansentry export {run_dir} --name NAME",
+        file=sys.stderr,
+    )
     print(run_dir)
     return 0
 
@@ -216,9 +242,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
         print(result.to_json())
         return 0
     print(f"{result.target} on {result.dataset} ({result.protocol}), report in {result.report_dir}")
+    for note in result.notes:
+        print(f"  {note}")
     for key, value in result.metrics.items():
-        shown = "n/a" if value is None else f"{value:.0f}" if key == "n_test" else f"{value:.4f}"
+        shown = "null" if value is None else f"{value:.0f}" if key == "n_test" else f"{value:.4f}"
         print(f"  {key:24s} {shown}")
+    if result.metrics_note:
+        print(f"  null metrics: {result.metrics_note}")
     from training.metrics import worst_classes
 
     worst = worst_classes(result.per_class, 10)

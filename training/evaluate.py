@@ -34,7 +34,8 @@ class EvaluationError(ValueError):
 
 @dataclass(frozen=True)
 class DataRequest:
-    """Everything `load_splits` needs to rebuild the split a model was trained on."""
+    """Everything `load_splits` needs to rebuild the split a model was trained on; or, with
+    `whole`, a table or image folder to score whole (every row a test sample)."""
 
     dataset: str
     protocol: str | None = None
@@ -47,8 +48,22 @@ class DataRequest:
     symbolic_columns: list[str] | None = None
     max_train: int | None = None
     preprocessing: TabularPreprocessing | None = None
+    val_fraction: float = 0.1
+    test: str | None = None
+    # A run's kept validation and test data (training.runs.DATA_FILE), used when present.
+    cached: Path | None = None
+    whole: bool = False
+    spec: ImageInput | TabularInput | None = None
 
     def load(self, download: bool = False) -> Any:
+        if self.whole and self.spec is not None:
+            from training.data.custom import whole_test_set
+
+            return whole_test_set(Path(self.dataset).expanduser(), self.spec, self.label_column)
+        if self.cached is not None and self.cached.is_file():
+            from training.runs import load_split_data
+
+            return load_split_data(self.cached)
         from training.data import load_splits
 
         return load_splits(
@@ -60,10 +75,12 @@ class DataRequest:
             image_size=self.image_size,
             channels=self.channels,
             download=download,
+            val_fraction=self.val_fraction,
             label_column=self.label_column,
             symbolic_columns=self.symbolic_columns,
             max_train=self.max_train,
             preprocessing=self.preprocessing,
+            test=self.test,
         )
 
     def override(
@@ -75,6 +92,9 @@ class DataRequest:
         split_seed: int | None = None,
         root: Path | None = None,
     ) -> DataRequest:
+        """A dataset named explicitly that is the user's own table or folder is scored
+        whole, never re-split; any other change rebuilds the split instead of using the
+        run's kept data."""
         changes: dict[str, Any] = {
             k: v
             for k, v in {
@@ -86,10 +106,22 @@ class DataRequest:
             }.items()
             if v is not None
         }
+        if dataset is not None or protocol is not None or normal_class is not None:
+            changes["cached"] = None
+            changes["test"] = None
+        if split_seed is not None:
+            changes["cached"] = None
+        if dataset is not None:
+            from training.data.splits import ALIASES, DATASETS, is_own_data
+
+            name = dataset.strip().lower()
+            name = ALIASES.get(name, name)
+            path = Path(dataset).expanduser()
+            changes["whole"] = name not in DATASETS and path.exists() and is_own_data(name, path)
         return replace(self, **changes)
 
 
-def data_options(cfg: Any, split_seed: int | None) -> dict[str, str | int | None]:
+def data_options(cfg: Any, split_seed: int | None) -> dict[str, str | int | float | None]:
     """The data options a run was trained with, stored in the manifest's provenance
     hyperparameters so an exported model's split can be rebuilt without the run folder."""
     sym = config_value(cfg, "symbolic_columns")
@@ -99,6 +131,8 @@ def data_options(cfg: Any, split_seed: int | None) -> dict[str, str | int | None
         "max_train": config_value(cfg, "max_train"),
         "label_column": config_value(cfg, "label_column"),
         "symbolic_columns": ",".join(sym) if sym else None,
+        "val_fraction": config_value(cfg, "val_fraction", 0.1),
+        "test": _str_or_none(config_value(cfg, "test")),
     }
 
 
@@ -128,6 +162,8 @@ class EvalResult:
     report_dir: str
     files: list[str]
     per_class: list[dict] = field(default_factory=list)
+    metrics_note: str | None = None
+    notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, indent=None, sort_keys=False)
@@ -141,6 +177,8 @@ def config_value(cfg: Any, key: str, default: Any = None) -> Any:
 
 def score_batches(run: ScoreFn, x: np.ndarray, batch_size: int = SCORE_BATCH):
     """Score `x` in fixed-size batches; returns (scores [N], reconstructions)."""
+    if len(x) == 0:
+        return np.zeros(0, np.float32), np.zeros((0, *x.shape[1:]), np.float32)
     scores, recons = [], []
     for i in range(0, len(x), batch_size):
         s, r = run(np.ascontiguousarray(x[i : i + batch_size], dtype=np.float32))
@@ -194,6 +232,9 @@ def open_model_dir(path: Path) -> Target:
         symbolic_columns=str(sym).split(",") if sym else None,
         max_train=_int_or_none(hp.get("max_train")),
         preprocessing=spec.preprocessing if isinstance(spec, TabularInput) else None,
+        val_fraction=float(hp.get("val_fraction") or 0.1),
+        test=_str_or_none(hp.get("test")),
+        spec=spec,
     )
     return Target(
         kind="model",
@@ -208,8 +249,12 @@ def open_model_dir(path: Path) -> Target:
 
 
 def run_request(info: Any) -> DataRequest:
-    """The split a run was trained on, from its recorded config and provenance."""
+    """The split a run was trained on, from its recorded config and provenance; for own
+    data, the validation and test data the run folder kept, if it is there."""
+    from training.runs import DATA_FILE, RUN_DIR_KEY
+
     cfg, spec = info.config, info.input_spec
+    run_dir = info.extra.get(RUN_DIR_KEY)
     return DataRequest(
         dataset=str(info.dataset or config_value(cfg, "dataset")),
         protocol=info.protocol or config_value(cfg, "protocol"),
@@ -222,6 +267,10 @@ def run_request(info: Any) -> DataRequest:
         symbolic_columns=config_value(cfg, "symbolic_columns"),
         max_train=config_value(cfg, "max_train"),
         preprocessing=spec.preprocessing if isinstance(spec, TabularInput) else None,
+        val_fraction=float(config_value(cfg, "val_fraction", 0.1) or 0.1),
+        test=config_value(cfg, "test"),
+        cached=Path(run_dir) / DATA_FILE if run_dir else None,
+        spec=spec,
     )
 
 
@@ -353,10 +402,15 @@ def evaluate(
         scores, labels, target.threshold.value, splits.protocol
     )
     out_dir = Path(report_dir) if report_dir is not None else target.default_report_dir
-    files = write_report(out_dir, test, recons, scores, labels, result_metrics, target.visuals())
-    files.append(write_scores(out_dir / SCORES_FILE, scores, labels))
+    files: list[Path] = []
+    if len(test):
+        files = write_report(
+            out_dir, test, recons, scores, labels, result_metrics, target.visuals()
+        )
+        files.append(write_scores(out_dir / SCORES_FILE, scores, labels))
+    out_dir.mkdir(parents=True, exist_ok=True)
     per_class: list[dict] = []
-    if splits.test_classes is not None:
+    if splits.test_classes is not None and len(test):
         per_class = metrics_mod.per_class(scores, labels, splits.test_classes, result_metrics)
         files.append(report.per_class_png(per_class, out_dir / report.PER_CLASS_FILE))
     result = EvalResult(
@@ -371,6 +425,8 @@ def evaluate(
         report_dir=str(out_dir),
         files=[str(f) for f in files],
         per_class=per_class,
+        metrics_note=metrics_mod.metrics_note(result_metrics),
+        notes=list(splits.notes),
     )
     (out_dir / METRICS_FILE).write_text(json.dumps(result.__dict__, indent=2) + "\n")
     return result

@@ -24,7 +24,7 @@ from training.evaluate import (
     run_request,
     score_batches,
 )
-from training.metrics import evaluate_scores
+from training.metrics import evaluate_scores, manifest_metrics
 
 PARITY_BATCH = 64
 _NAME_PATTERN = next(
@@ -130,7 +130,7 @@ def export_run(
             "input": spec,
             "threshold": info.threshold,
             "provenance": provenance,
-            "metrics": metrics,
+            **manifest_metrics(metrics),
             "onnx": {"opset": _opset(onnx_path), "parity_max_rel_diff": rel},
         }
         manifest = publish(Path(models_dir), name, onnx_path, fields)

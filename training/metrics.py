@@ -5,7 +5,12 @@ points exist: the run's calibrated threshold (fitted on validation normals, neve
 test set; flags `score > threshold`), and for the kdd-dagmm protocol the papers' own rule,
 which flags the top 20% of *test* scores (`score >= 80th percentile`, as in the DAGMM and
 EGBAD reference code). The second uses the test scores by design of that protocol, so it is
-reported under its own keys and never written back as the model's threshold."""
+reported under its own keys and never written back as the model's threshold.
+
+A metric that the test set cannot define is None (null in JSON), never 0.0: without labelled
+anomalies there is no recall, F1 or AUROC, and a model trained on a normal-only table must
+not read as a broken one. `metrics_note` says why in words, for the manifest's
+`metrics_note` and the evaluate output."""
 
 from __future__ import annotations
 
@@ -18,12 +23,14 @@ KDD_PROTOCOL = "kdd-dagmm"
 TOP_FRACTION = 0.2
 
 
-def _check(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _check(
+    scores: np.ndarray, labels: np.ndarray, *, allow_empty: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     labels = np.asarray(labels).reshape(-1)
     if scores.shape != labels.shape:
         raise ValueError(f"{scores.size} scores but {labels.size} labels")
-    if scores.size == 0:
+    if scores.size == 0 and not allow_empty:
         raise ValueError("no test samples to evaluate")
     if not np.all(np.isfinite(scores)):
         bad = int(np.count_nonzero(~np.isfinite(scores)))
@@ -40,10 +47,15 @@ def top_fraction_threshold(scores: np.ndarray, fraction: float = TOP_FRACTION) -
 
 def at_threshold(
     scores: np.ndarray, labels: np.ndarray, threshold: float, *, inclusive: bool = False
-) -> dict[str, float]:
-    """Precision, recall and F1 of flagging `score > threshold` (`>=` when inclusive)."""
-    scores, labels = _check(scores, labels)
+) -> dict[str, float | None]:
+    """Precision, recall and F1 of flagging `score > threshold` (`>=` when inclusive); None
+    without anomalies in `labels`, where they are undefined. `flagged_fraction` is defined
+    whenever there are samples (on normals only, it is the false-positive rate)."""
+    scores, labels = _check(scores, labels, allow_empty=True)
     predicted = scores >= threshold if inclusive else scores > threshold
+    if not labels.any():
+        flagged = float(predicted.mean()) if labels.size else None
+        return {"precision": None, "recall": None, "f1": None, "flagged_fraction": flagged}
     p, r, f, _ = precision_recall_fscore_support(
         labels, predicted.astype(np.int64), average="binary", pos_label=1, zero_division=0
     )
@@ -57,8 +69,8 @@ def at_threshold(
 
 def ranking(scores: np.ndarray, labels: np.ndarray) -> dict[str, float | None]:
     """AUROC and AUPRC (average precision); None when the test set has only one class."""
-    scores, labels = _check(scores, labels)
-    if labels.min() == labels.max():
+    scores, labels = _check(scores, labels, allow_empty=True)
+    if labels.size == 0 or labels.min() == labels.max():
         return {"auroc": None, "auprc": None}
     return {
         "auroc": float(roc_auc_score(labels, scores)),
@@ -69,21 +81,52 @@ def ranking(scores: np.ndarray, labels: np.ndarray) -> dict[str, float | None]:
 def evaluate_scores(
     scores: np.ndarray, labels: np.ndarray, threshold: float, protocol: str | None
 ) -> dict[str, float | None]:
-    """Every metric for one test set, as the flat dict stored in manifest.json."""
-    scores, labels = _check(scores, labels)
+    """Every metric for one test set, as the flat dict stored in manifest.json. An empty
+    test set (no labelled anomalies and no test table) gives None for every metric."""
+    scores, labels = _check(scores, labels, allow_empty=True)
     out: dict[str, float | None] = {
         "n_test": float(labels.size),
-        "anomaly_fraction": float(labels.mean()),
+        "anomaly_fraction": float(labels.mean()) if labels.size else None,
         **ranking(scores, labels),
         "threshold": float(threshold),
         **at_threshold(scores, labels, threshold),
     }
-    if protocol == KDD_PROTOCOL:
+    if protocol == KDD_PROTOCOL and labels.size:
         top = top_fraction_threshold(scores)
         rule = at_threshold(scores, labels, top, inclusive=True)
         out["top20_threshold"] = top
         out.update({f"top20_{k}": v for k, v in rule.items()})
     return {k: (None if v is not None and math.isnan(v) else v) for k, v in out.items()}
+
+
+def metrics_note(metrics: dict[str, float | None]) -> str | None:
+    """Why some of `evaluate_scores`'s metrics are None, in words for the manifest's
+    `metrics_note`; None when every metric is defined."""
+    n = metrics.get("n_test")
+    fraction = metrics.get("anomaly_fraction")
+    if not n:
+        return (
+            "no test set: the training data had no labelled anomalies and no test table was "
+            "given, so AUROC, AUPRC, precision, recall and F1 are undefined; measure them on "
+            "a labelled table (gansentry train --test, or gansentry evaluate --dataset)"
+        )
+    if fraction == 0:
+        return (
+            f"the test set's {int(n)} samples are all normal (no labelled anomalies), so AUROC, "
+            "AUPRC, precision, recall and F1 are undefined; flagged_fraction is its "
+            "false-positive rate"
+        )
+    if fraction == 1:
+        return (
+            f"the test set's {int(n)} samples are all anomalous, so AUROC and AUPRC are "
+            "undefined; recall and flagged_fraction are its detection rate"
+        )
+    return None
+
+
+def manifest_metrics(metrics: dict[str, float | None]) -> dict[str, object]:
+    """The manifest fields for a test set's metrics: `metrics` and `metrics_note`."""
+    return {"metrics": metrics, "metrics_note": metrics_note(metrics)}
 
 
 def per_class(

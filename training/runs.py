@@ -6,6 +6,9 @@
                                RNG states, history, selection state)
     RUN/checkpoints/selected.pt  the weights chosen without test labels
     RUN/run.json               RunInfo, written when training finishes
+    RUN/data.npz               own data only: the validation and test inputs (encoded with
+                               the fitted preprocessing) and test labels, so evaluate and
+                               export work after the user's file is gone
 
 Every file is written to a temporary name and renamed, so an interrupted run never leaves
 a half-written checkpoint."""
@@ -31,6 +34,9 @@ RUN_FILE = "run.json"
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.pt"
 SELECTED_CHECKPOINT = "selected.pt"
+DATA_FILE = "data.npz"
+# RunInfo.extra key holding the folder a run was read from (set on reading, never stored).
+RUN_DIR_KEY = "run_dir"
 
 _SPEC = TypeAdapter(InputSpec)
 
@@ -103,9 +109,64 @@ def read_run_info(run_dir: Path) -> RunInfo:
         )
         raise RunError(f"{path}: not found, {run_dir} is not a finished run{hint}")
     try:
-        return RunInfo.from_json(path.read_text())
+        info = RunInfo.from_json(path.read_text())
     except (ValueError, TypeError, KeyError, ValidationError) as e:
         raise RunError(f"{path}: corrupt run file ({type(e).__name__}: {e})") from e
+    info.extra[RUN_DIR_KEY] = str(Path(run_dir).resolve())
+    return info
+
+
+def save_split_data(run_dir: Path, splits: Any) -> Path:
+    """Keep a run's validation and test data (model inputs, labels, classes) in the run
+    folder, with the split's facts, for evaluate and export."""
+    meta = {
+        "dataset": splits.dataset,
+        "protocol": splits.protocol,
+        "normal_classes": [str(c) for c in splits.normal_classes],
+        "anomalous_classes": [str(c) for c in splits.anomalous_classes],
+        "split_seed": splits.split_seed,
+        "input_spec": splits.input_spec.model_dump(mode="json"),
+        "notes": list(splits.notes),
+    }
+    arrays = {
+        "val": np.asarray(splits.val, np.float32),
+        "test": np.asarray(splits.test, np.float32),
+        "test_labels": np.asarray(splits.test_labels, np.int64),
+        "meta": np.array(json.dumps(meta)),
+    }
+    if splits.test_classes is not None:
+        arrays["test_classes"] = np.asarray(splits.test_classes).astype(str)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    path = Path(run_dir) / DATA_FILE
+    atomic_write(path, buf.getvalue())
+    return path
+
+
+def load_split_data(path: Path) -> Any:
+    """The Splits `save_split_data` kept (its train split empty: nothing needs it again)."""
+    from training.data.result import Splits
+
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(str(z["meta"]))
+            spec = _SPEC.validate_python(meta["input_spec"])
+            return Splits(
+                train=np.zeros((0, *spec.shape), np.float32),
+                val=z["val"],
+                test=z["test"],
+                test_labels=z["test_labels"],
+                input_spec=spec,
+                dataset=meta["dataset"],
+                protocol=meta["protocol"],
+                normal_classes=meta["normal_classes"],
+                anomalous_classes=meta["anomalous_classes"],
+                split_seed=meta["split_seed"],
+                test_classes=z["test_classes"] if "test_classes" in z.files else None,
+                notes=meta["notes"],
+            )
+    except (OSError, ValueError, KeyError, ValidationError) as e:
+        raise RunError(f"{path}: corrupt run data ({type(e).__name__}: {e})") from e
 
 
 def load_run(run_dir: Path, device: str = "cpu") -> tuple[AnomalyGAN, RunInfo]:

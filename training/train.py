@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +32,7 @@ from training.runs import (
     RunInfo,
     load_checkpoint,
     save_checkpoint,
+    save_split_data,
     score_array,
 )
 
@@ -69,6 +70,10 @@ class TrainConfig:
     # continue while one more as long as the last still fits, up to `epochs` if given.
     time_budget: float | None = None
     hparams: dict[str, Any] = field(default_factory=dict)
+    # Own data only: the share of normal rows held out for checkpoint selection and the
+    # threshold, and a table or image folder scored whole as the test set.
+    val_fraction: float = 0.1
+    test: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self), default=str))
@@ -157,11 +162,7 @@ def _prepare_dir(out: Path, config: dict[str, Any], resume: bool) -> bool:
             old = json.loads(config_path.read_text())
         except ValueError as e:
             raise RunError(f"{config_path}: corrupt config ({e})") from e
-        diff = sorted(
-            k
-            for k in set(old) | set(config)
-            if k not in RESUMABLE_FIELDS and old.get(k) != config.get(k)
-        )
+        diff = _config_changes(old, config)
         if diff:
             changes = ", ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in diff)
             raise RunError(
@@ -187,11 +188,54 @@ def _load_splits(cfg: TrainConfig) -> Splits:
         root=cfg.data_root,
         image_size=cfg.image_size,
         download=cfg.download,
+        val_fraction=cfg.val_fraction,
         label_column=cfg.label_column,
         symbolic_columns=cfg.symbolic_columns,
         log_columns=cfg.log_columns,
         max_train=cfg.max_train,
+        seed=cfg.seed,
+        test=cfg.test,
     )
+
+
+def absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """The run records data paths absolute, so evaluate and export find them from any
+    working directory (names of public datasets stay names)."""
+
+    from training.data.splits import ALIASES, DATASETS
+
+    def resolved(value: str | None) -> str | None:
+        if value is None or value.strip().lower() in (*DATASETS, *ALIASES):
+            return value
+        if not Path(value).expanduser().exists():
+            return value
+        return str(Path(value).expanduser().resolve())
+
+    root = None if cfg.data_root is None else Path(cfg.data_root).expanduser().resolve()
+    return replace(cfg, dataset=resolved(cfg.dataset), test=resolved(cfg.test), data_root=root)
+
+
+def _config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Fields that differ between a run's recorded config and a resume's; a field the old
+    config lacks (written before the field existed) counts as its default."""
+    defaults = TrainConfig(model="", dataset="").to_dict()
+    return sorted(
+        k
+        for k in set(old) | set(new)
+        if k not in RESUMABLE_FIELDS and old.get(k, defaults.get(k)) != new.get(k)
+    )
+
+
+def report_split(splits: Splits) -> None:
+    """The row counts and split decisions, on stderr (stdout is left for the run's path)."""
+    c = splits.counts()
+    tqdm.write(
+        f"data: {c['train']} train, {c['validation']} validation, "
+        f"{c['test_normal']} test normal, {c['test_anomalous']} test anomalous",
+        file=sys.stderr,
+    )
+    for note in splits.notes:
+        tqdm.write(f"  {note}", file=sys.stderr)
 
 
 def resolve_hparams(cfg: TrainConfig, spec: Any) -> dict[str, Any]:
@@ -255,11 +299,13 @@ def train(
     splits: Splits | None = None,
     progress: bool = True,
     on_epoch: EpochHook | None = None,
+    on_split: Callable[[Splits], None] | None = None,
 ) -> Path:
     """Train (or resume) the run in `cfg.out` and return the run directory. `on_epoch(row,
     model)` runs after each epoch's checkpoint with that epoch's history row and the model
     in eval mode, so diagnostics (`benchmarks/epoch_trace.py`) can look at every epoch,
-    not only the selected one."""
+    not only the selected one. `on_split(splits)` sees the data once it is loaded (the CLI
+    prints its row counts and split decisions with `report_split`)."""
     from training.models import ARCHITECTURES
 
     if cfg.model not in ARCHITECTURES:
@@ -268,6 +314,7 @@ def train(
         raise RunError(f"threshold_quantile must be in (0, 1), got {cfg.threshold_quantile}")
     if cfg.time_budget is not None and not cfg.time_budget > 0:
         raise RunError(f"time_budget must be positive minutes, got {cfg.time_budget}")
+    cfg = absolute_paths(cfg)
     out = Path(cfg.out)
     config = {**cfg.to_dict(), "resume": False}
     device = resolve_device(cfg.device)
@@ -280,6 +327,11 @@ def train(
         )
     h = resolve_hparams(cfg, splits.input_spec)
     resuming = _prepare_dir(out, config, cfg.resume)
+    if splits.protocol == "custom":
+        # The user's file may be gone by export time: keep the held-out data it needs.
+        save_split_data(out, splits)
+    if on_split is not None:
+        on_split(splits)
 
     threads = torch.get_num_threads()
     if device.type == "cpu" and splits.input_spec.kind == "tabular":

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from gansentry.datafiles import IMAGE_EXTS
 from training.data.cache import cached_arrays
 from training.data.errors import DataError
 from training.data.images import LabelledImages
@@ -34,7 +35,6 @@ CIFAR10_CLASSES = [
 BATCHES_DIR = "cifar-10-batches-py"
 TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
 TEST_BATCH = "test_batch"
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 FOLDER_MEMBER = re.compile(r"(?:^|/)(train|test)/([^/]+)/([^/]+)$")
 SUBDIRS = ["cifar10", "cifar-10", "CIFAR10", "."]
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -24,14 +24,27 @@ class Splits:
     protocol: str
     normal_classes: list[str]
     anomalous_classes: list[str]
-    split_seed: int
+    split_seed: int | None
     # Each test sample's original class (digit, CIFAR class, KDD attack type) where the
     # source has more than normal/anomalous: evaluation breaks its errors down by it.
     test_classes: np.ndarray | None = None
+    # What the loader decided and why, in words (which seed split what, where the test set
+    # came from): `gansentry train` prints these, so no row is held out silently.
+    notes: list[str] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        anomalous = int(np.asarray(self.test_labels).sum())
+        return {
+            "train": len(self.train),
+            "validation": len(self.val),
+            "test_normal": len(self.test) - anomalous,
+            "test_anomalous": anomalous,
+        }
 
     def summary(self) -> str:
-        anomalous = int(self.test_labels.sum())
+        c = self.counts()
         return (
-            f"{self.dataset} {self.protocol}: train {len(self.train)}, val {len(self.val)}, "
-            f"test {len(self.test)} ({anomalous} anomalous), input {tuple(self.train.shape[1:])}"
+            f"{self.dataset} {self.protocol}: train {c['train']}, validation {c['validation']}, "
+            f"test {c['test_normal']} normal + {c['test_anomalous']} anomalous, "
+            f"input {tuple(self.input_spec.shape)}"
         )

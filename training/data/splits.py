@@ -1,6 +1,7 @@
 """`load_splits`: one entry point from a dataset name or path and a protocol to model-ready
-train / val / test arrays. Every protocol has a fixed default seed, so two runs (and the
-benchmark beside them) always see the same split."""
+train / val / test arrays. The public protocols keep their published fixed split seeds, so
+two runs (and the benchmark beside them) always see the same split; a user's own data is
+split with the training seed (see `training.data.custom` for how)."""
 
 from __future__ import annotations
 
@@ -18,12 +19,12 @@ __all__ = ["DATASETS", "PROTOCOLS", "DEFAULT_SEEDS", "DataError", "Splits", "loa
 
 DATASETS = ("mnist", "fashion-mnist", "cifar10", "kddcup99")
 PROTOCOLS = ("one-class-normal", "one-class-anomalous", "kdd-dagmm", "kdd-normal", "custom")
+# The public protocols' fixed split seeds. `custom` has none: it is split with `seed`.
 DEFAULT_SEEDS = {
     "one-class-normal": 0,
     "one-class-anomalous": 0,
     "kdd-dagmm": 42,  # the DAGMM/EGBAD reference split
     "kdd-normal": 42,
-    "custom": 0,
 }
 ALIASES = {
     "fashion_mnist": "fashion-mnist",
@@ -77,6 +78,8 @@ def load_splits(
     log_columns: list[str] | None = None,
     max_train: int | None = None,
     preprocessing: TabularPreprocessing | None = None,
+    seed: int = 0,
+    test: str | Path | None = None,
 ) -> Splits:
     """Load `dataset` (a name in DATASETS or a path to the user's data) split by `protocol`.
 
@@ -87,7 +90,12 @@ def load_splits(
     log(1 + v). `preprocessing` encodes a table with a model's own fitted
     preprocessing instead of fitting one on the train split, so evaluation feeds a model
     the features it was trained on and is served. Raises DataError naming the file, field
-    or class at fault."""
+    or class at fault.
+
+    `split_seed` fixes the split; without it the public protocols use their published seed
+    (DEFAULT_SEEDS) and a user's own data is split with `seed`, the training seed. `test`
+    (own data only) is a table or image folder scored whole as the test set. The returned
+    `notes` say which seed split what and where the test set came from."""
     if not 0 < val_fraction < 0.5:
         raise DataError(f"val_fraction must be between 0 and 0.5, got {val_fraction}")
     if max_train is not None and max_train < 1:
@@ -97,6 +105,11 @@ def load_splits(
     root = Path(root).expanduser() if root is not None else default_root()
     name = ALIASES.get(dataset.strip().lower(), dataset.strip().lower())
     common = {"val_fraction": val_fraction, "max_train": max_train}
+    if test is not None and not is_own_data(name, Path(dataset).expanduser()):
+        raise DataError(
+            f"--test applies to your own table or image folder, not to {dataset}: "
+            "a public protocol's test split is fixed"
+        )
 
     if name in DATASETS:
         if download:
@@ -108,28 +121,34 @@ def load_splits(
             protocol = protocol or "kdd-dagmm"
             _check_protocol(protocol, kdd.KDD_PROTOCOLS, "kddcup99")
             seed = DEFAULT_SEEDS[protocol] if split_seed is None else split_seed
-            return kdd.kdd_dagmm_splits(
-                kdd.locate_kdd(root),
-                split_seed=seed,
-                dataset=name,
-                log_columns=log_columns,
-                preprocessing=preprocessing,
-                protocol=protocol,
-                **common,
+            return _public(
+                kdd.kdd_dagmm_splits(
+                    kdd.locate_kdd(root),
+                    split_seed=seed,
+                    dataset=name,
+                    log_columns=log_columns,
+                    preprocessing=preprocessing,
+                    protocol=protocol,
+                    **common,
+                ),
+                split_seed,
             )
         protocol = protocol or "one-class-normal"
         _check_protocol(protocol, IMAGE_PROTOCOLS, name)
         _no_log_columns(log_columns, dataset)
-        return _one_class(
-            _load_labelled(name, root),
-            protocol,
-            normal_class,
-            anomalous_class,
+        return _public(
+            _one_class(
+                _load_labelled(name, root),
+                protocol,
+                normal_class,
+                anomalous_class,
+                split_seed,
+                image_size,
+                channels,
+                name,
+                common,
+            ),
             split_seed,
-            image_size,
-            channels,
-            name,
-            common,
         )
 
     path = Path(dataset).expanduser()
@@ -141,33 +160,42 @@ def load_splits(
         protocol = protocol or "kdd-dagmm"
         _check_protocol(protocol, kdd.KDD_PROTOCOLS, str(path))
         seed = DEFAULT_SEEDS[protocol] if split_seed is None else split_seed
-        return kdd.kdd_dagmm_splits(
-            path,
-            split_seed=seed,
-            dataset=str(path),
-            log_columns=log_columns,
-            preprocessing=preprocessing,
-            protocol=protocol,
-            **common,
+        return _public(
+            kdd.kdd_dagmm_splits(
+                path,
+                split_seed=seed,
+                dataset=str(path),
+                log_columns=log_columns,
+                preprocessing=preprocessing,
+                protocol=protocol,
+                **common,
+            ),
+            split_seed,
         )
     if cifar.is_class_folder(path) or _is_archive(path):
         protocol = protocol or "one-class-normal"
         _check_protocol(protocol, IMAGE_PROTOCOLS, f"{path} (train/test class folders)")
         _no_log_columns(log_columns, dataset)
-        return _one_class(
-            cifar.load_source(path),
-            protocol,
-            normal_class,
-            anomalous_class,
+        return _public(
+            _one_class(
+                cifar.load_source(path),
+                protocol,
+                normal_class,
+                anomalous_class,
+                split_seed,
+                image_size,
+                channels,
+                str(path),
+                common,
+            ),
             split_seed,
-            image_size,
-            channels,
-            str(path),
-            common,
         )
     protocol = protocol or "custom"
     _check_protocol(protocol, ("custom",), str(path))
-    seed = DEFAULT_SEEDS[protocol] if split_seed is None else split_seed
+    seed = seed if split_seed is None else split_seed
+    test_path = None if test is None else Path(test).expanduser()
+    if test_path is not None and not test_path.exists():
+        raise DataError(f"--test {test}: no such file or folder")
     if path.is_dir():
         if not (path / "normal").is_dir():
             raise DataError(
@@ -176,7 +204,12 @@ def load_splits(
             )
         _no_log_columns(log_columns, dataset)
         return custom.image_folder_splits(
-            path, split_seed=seed, image_size=image_size, channels=channels, **common
+            path,
+            split_seed=seed,
+            image_size=image_size,
+            channels=channels,
+            test=test_path,
+            **common,
         )
     if path.suffix.lower() not in TABULAR_SUFFIXES:
         raise DataError(f"{path}: unsupported file type; use .csv, .npz or an image folder")
@@ -187,8 +220,25 @@ def load_splits(
         symbolic_columns=symbolic_columns,
         log_columns=log_columns,
         preprocessing=preprocessing,
+        test=test_path,
         **common,
     )
+
+
+def is_own_data(name: str, path: Path) -> bool:
+    """A user's table or image folder (the custom protocol), not a public dataset."""
+    if name in DATASETS or _is_kdd_file(path) or _is_archive(path):
+        return False
+    return not cifar.is_class_folder(path)
+
+
+def _public(splits: Splits, split_seed: int | None) -> Splits:
+    how = "given split seed" if split_seed is not None else "published fixed split seed"
+    splits.notes.append(
+        f"{splits.protocol} split of {splits.dataset}: {how} {splits.split_seed} "
+        "(--seed seeds training only)"
+    )
+    return splits
 
 
 def _locate(name: str, root: Path) -> object:
