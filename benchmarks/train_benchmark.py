@@ -270,27 +270,42 @@ def plan_jobs(args: argparse.Namespace) -> list[dict]:
     return jobs
 
 
+LOCKS = RUNS / "locks"
+
+
 def run_plan(args: argparse.Namespace) -> None:
+    """Several invocations can share one plan (e.g. one per core): the results file is
+    read afresh before each job, and a lock file marks a job another invocation is running
+    (a killed invocation leaves its lock: delete runs/bench/locks/ before restarting)."""
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    LOCKS.mkdir(parents=True, exist_ok=True)
     for job in plan_jobs(args):
-        # Read afresh before each job, so several invocations can share one plan.
         if job["key"] in done_keys():
             print(f"skip {job['key']} (in {RESULTS.name})", flush=True)
             continue
-        print(f"run  {job['key']}", flush=True)
-        proc = subprocess.run(
-            [sys.executable, __file__, "--one", json.dumps(job)],
-            capture_output=True,
-            text=True,
-            cwd=ROOT,
-        )
-        if proc.returncode != 0:
-            print(f"FAIL {job['key']}: {proc.stderr.strip().splitlines()[-1:]}", flush=True)
+        lock = LOCKS / (job["key"].replace("/", "_") + ".lock")
+        try:
+            os.close(os.open(lock, os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            print(f"skip {job['key']} (running elsewhere: {lock.name})", flush=True)
             continue
-        result = json.loads(proc.stdout.strip().splitlines()[-1])
-        result.update(host=platform.node(), cpus=os.cpu_count(), finished=time.time())
-        with RESULTS.open("a") as f:
-            f.write(json.dumps(result) + "\n")
+        print(f"run  {job['key']}", flush=True)
+        try:
+            proc = subprocess.run(
+                [sys.executable, __file__, "--one", json.dumps(job)],
+                capture_output=True,
+                text=True,
+                cwd=ROOT,
+            )
+            if proc.returncode != 0:
+                print(f"FAIL {job['key']}: {proc.stderr.strip().splitlines()[-1:]}", flush=True)
+                continue
+            result = json.loads(proc.stdout.strip().splitlines()[-1])
+            result.update(host=platform.node(), cpus=os.cpu_count(), finished=time.time())
+            with RESULTS.open("a") as f:
+                f.write(json.dumps(result) + "\n")
+        finally:
+            lock.unlink(missing_ok=True)
         m = result["metrics"]
         print(
             f"done {job['key']}: auroc={m.get('auroc')} f1={m.get('f1')} "

@@ -143,3 +143,16 @@ def test_fewer_references_than_candidates():
     assert block.codes.shape == (2, 3)
     d = block(torch.tensor([[0.9, 0.0, 0.0], [3.0, 4.0, 0.0]]))
     torch.testing.assert_close(d, torch.tensor([0.1, (4.0 + 16.0) ** 0.5]))
+
+
+def test_egbad_runs_from_before_the_shared_block_still_load():
+    """EGBAD runs trained before `NearestCode` stored the uncentred codes as `knn_codes`."""
+    model = knn_model("egbad")
+    model.fit_score(rows(12, 3))
+    state = model.state_dict()
+    state["knn_codes"] = state.pop("nearest.codes") + state.pop("nearest.centre")
+    old = build_model("egbad", TABULAR, **model.hparams)
+    old.load_state_dict(state)
+    x = rows(7, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(old.eval().score(x)[0], model.score(x)[0], atol=1e-5, rtol=0)

@@ -217,8 +217,10 @@ class NearestCode(nn.Module):
         if not self.fitted:
             raise RuntimeError("score_method 'knn' needs fit_score(training normals) first")
         zc, ref = z - self.centre, self.codes
-        d2 = zc.pow(2).sum(1, keepdim=True) - 2.0 * zc @ ref.T + ref.pow(2).sum(1)
+        # |r|^2 - 2 z.r ranks the references as ||z - r||^2 does (|z|^2 is the same for
+        # every r), in one fused product.
+        rank = torch.addmm(ref.pow(2).sum(1), zc, ref.T, alpha=-2.0)
         k = min(self.CANDIDATES, len(ref))
-        shortlist = d2.topk(k, dim=1, largest=False).indices
+        shortlist = rank.topk(k, dim=1, largest=False).indices
         exact = (zc[:, None, :] - ref[shortlist]).pow(2).sum(dim=2)
         return exact.min(dim=1).values.sqrt()
