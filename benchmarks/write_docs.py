@@ -30,7 +30,7 @@ comes from a command in this folder:
     python benchmarks/redis_benchmark.py --duration 6 --rounds 3          # -> results/redis.json
     python benchmarks/image_candidates.py --archs egbad --classes 1 --seeds 5 \
         # -> results/image_candidates.jsonl (EGBAD/MEMGAN image scores, dev digits)
-    python benchmarks/image_candidates.py --archs memgan --classes 7 --seeds 5
+    python benchmarks/image_candidates.py --archs memgan egbad --classes 7 --seeds 5
     make reports                              # -> docs/reports/*/metrics.json (errors by class)
     python benchmarks/write_docs.py                                       # -> docs/benchmarks.md
     # results/log-kdd/: KDD with the counts log-scaled (a negative result), made at commit
