@@ -11,6 +11,11 @@ SEED ?= 0
 DIGIT ?= 0
 
 MNIST = --dataset mnist --protocol one-class-normal --normal-class $(DIGIT) --image-size 32
+# The shipped EGBAD and MEMGAN flag inputs above the 80th percentile of validation-normal
+# scores: of the quantiles tried on development digits 1 and 7 (seed 5), it gave the best
+# F1 where anomalies are 90% of the inputs, as in MNIST one-class-normal (benchmarks/notes.md).
+# Where anomalies are rare, 0.99 (the train command's default) raises fewer false alarms.
+IMAGE_THRESHOLD = --threshold-quantile 0.8
 KDD = --dataset kddcup99 --protocol kdd-dagmm
 COMMON = --seed $(SEED) --data-root $(DATA) --device $(DEVICE) --resume
 
@@ -24,12 +29,17 @@ mnist-ganomaly:
 	$(GANSENTRY) train --model ganomaly $(MNIST) $(COMMON) --out $(RUNS)/$@
 	$(GANSENTRY) export $(RUNS)/$@ --models-dir $(MODELS) --name $@ --data-root $(DATA)
 
+# mnist-egbad/2 is this target: the image defaults' nearest-code score (knn), named here so
+# that a run folder of the v1 defaults (the paper's fm score) is refused instead of resumed;
+# mnist-egbad/1 was the same command with score_method=fm and the 99th percentile.
 mnist-egbad:
-	$(GANSENTRY) train --model egbad $(MNIST) $(COMMON) --out $(RUNS)/$@
+	$(GANSENTRY) train --model egbad $(MNIST) $(COMMON) --out $(RUNS)/$@ $(IMAGE_THRESHOLD) \
+		--hparam score_method=knn
 	$(GANSENTRY) export $(RUNS)/$@ --models-dir $(MODELS) --name $@ --data-root $(DATA)
 
+# mnist-memgan/2 is this target: v1's training with the threshold above (v1: 99th percentile).
 mnist-memgan:
-	$(GANSENTRY) train --model memgan $(MNIST) $(COMMON) --out $(RUNS)/$@
+	$(GANSENTRY) train --model memgan $(MNIST) $(COMMON) --out $(RUNS)/$@ $(IMAGE_THRESHOLD)
 	$(GANSENTRY) export $(RUNS)/$@ --models-dir $(MODELS) --name $@ --data-root $(DATA)
 
 # kdd-egbad/2 is this target: the current KDD defaults (nearest-code score). kdd-egbad/1,

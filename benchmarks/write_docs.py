@@ -28,6 +28,9 @@ comes from a command in this folder:
     python benchmarks/serve_benchmark.py                                  # paper-sized GANomaly
     python benchmarks/serve_benchmark.py --model mnist-ganomaly           # a shipped model
     python benchmarks/redis_benchmark.py --duration 6 --rounds 3          # -> results/redis.json
+    python benchmarks/image_candidates.py --archs egbad --classes 1 --seeds 5 \
+        # -> results/image_candidates.jsonl (EGBAD/MEMGAN image scores, dev digits)
+    python benchmarks/image_candidates.py --archs memgan egbad --classes 7 --seeds 5
     make reports                              # -> docs/reports/*/metrics.json (errors by class)
     python benchmarks/write_docs.py                                       # -> docs/benchmarks.md
     # results/log-kdd/: KDD with the counts log-scaled (a negative result), made at commit
@@ -45,6 +48,7 @@ sys.path.insert(0, str(HERE))
 
 import epoch_trace  # noqa: E402
 import export_check  # noqa: E402
+import image_candidates  # noqa: E402
 import redis_benchmark  # noqa: E402
 import score_candidates  # noqa: E402
 import serve_benchmark  # noqa: E402
@@ -115,6 +119,8 @@ def main() -> None:
         parts.append(score_candidates.markdown())
     if epoch_trace.RESULTS.exists():
         parts.append(epoch_trace.markdown())
+    if image_candidates.RESULTS.exists():
+        parts.append(image_candidates.markdown())
     archive = RESULTS / "log-kdd"
     if archive.is_dir():
         parts += [

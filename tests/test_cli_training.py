@@ -53,6 +53,7 @@ def test_console_script_reports_unknown_model(tmp_path):
         (["--epochs", "0"], "--epochs must be positive"),
         (["--lr", "-1"], "--lr must be positive"),
         (["--threshold-quantile", "1.5"], "--threshold-quantile"),
+        (["--time-budget", "0"], "--time-budget must be positive"),
     ],
 )
 def test_train_rejects_bad_options(capsys, tmp_path, extra, needle):

@@ -24,7 +24,9 @@ def test_every_shipped_model_is_valid_and_small():
         assert manifest.onnx.sha256 == sha256_file(version / "model.onnx")
         assert manifest.metrics.get("auroc") is not None
     total = sum(f.stat().st_size for f in MODELS.rglob("*") if f.is_file())
-    assert total < 30 * 1024 * 1024
+    # Old versions stay beside new ones for clients that pin them; the nearest-code
+    # models carry their training normals' codes (mnist-egbad/2: 4.3 MB of them).
+    assert total < 40 * 1024 * 1024
 
 
 @pytest.mark.parametrize(

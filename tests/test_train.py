@@ -257,3 +257,52 @@ def test_percentile_names():
     assert percentile_name(0.995) == "99.5th percentile"
     assert percentile_name(0.9) == "90th percentile"
     assert percentile_name(0.92) == "92nd percentile"
+
+
+TABULAR_EGBAD = dict(model="egbad", dataset="x", hparams=dict(TINY_BIGAN_TAB))
+
+
+def test_time_budget_trains_the_epochs_that_fit_and_selects_as_usual(tmp_path):
+    """No --epochs: the budget alone decides, past the default schedule's epoch count if
+    the epochs are short; each epoch starts only if one as long as the previous still
+    fits, and training stops once it would not."""
+    # The first optimiser step in a process loads parts of torch (seconds on a busy
+    # machine): warm up first, so the budgeted run's epochs are its own.
+    train(cfg(tmp_path, "warm-up", epochs=1, **TABULAR_EGBAD), tabular_splits(), progress=False)
+    budget = 10.0  # seconds; an epoch of this tiny model takes well under one
+    run = train(
+        cfg(tmp_path, epochs=None, time_budget=budget / 60, **TABULAR_EGBAD),
+        tabular_splits(),
+        progress=False,
+    )
+    model, info = load_run(run)
+    seconds = [0.0] + [r["seconds"] for r in info.history]
+    lengths = [b - a for a, b in zip(seconds, seconds[1:], strict=False)]
+    assert info.epochs_done >= 2
+    for k in range(1, info.epochs_done):  # epoch k + 1 started: one more still fitted
+        assert seconds[k] + lengths[k - 1] <= budget
+    assert seconds[-1] + lengths[-1] > budget  # and the next one would not have
+    assert info.config["time_budget"] == budget / 60
+    metrics = [r["val_selection_metric"] for r in info.history]
+    assert info.selected_epoch == int(np.argmin(metrics)) + 1
+
+
+def test_time_budget_is_capped_by_epochs_and_resumes_with_a_larger_budget(tmp_path):
+    splits = tabular_splits()
+    kw = dict(TABULAR_EGBAD, epochs=None)
+    capped = train(
+        cfg(tmp_path, "capped", **{**kw, "epochs": 2}, time_budget=10.0), splits, progress=False
+    )
+    assert load_run(capped)[1].epochs_done == 2
+    # The smallest budget still trains one epoch: a run needs a checkpoint to select.
+    first = train(cfg(tmp_path, **kw, time_budget=1e-4), splits, progress=False)
+    first_info = load_run(first)[1]
+    assert first_info.epochs_done == 1
+    # Five more seconds: room for more epochs however busy the machine is.
+    more = (first_info.training_seconds + 5.0) / 60
+    resumed = train(cfg(tmp_path, **kw, time_budget=more, resume=True), splits, progress=False)
+    info = load_run(resumed)[1]
+    assert info.epochs_done > 1 and info.config["time_budget"] == more
+    assert info.history[0] == first_info.history[0]
+    with pytest.raises(RunError, match="time_budget must be positive"):
+        train(cfg(tmp_path, "bad", time_budget=0.0), splits, progress=False)

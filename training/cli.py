@@ -110,6 +110,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     t.add_argument("--threshold-quantile", type=float, default=0.99)
     t.add_argument(
+        "--time-budget",
+        type=float,
+        metavar="MINUTES",
+        help="train as many epochs as fit in MINUTES (capped by --epochs if given); "
+        "--resume with a larger budget trains on",
+    )
+    t.add_argument(
         "--hparam",
         action="append",
         default=[],
@@ -197,6 +204,7 @@ def run_train(args: argparse.Namespace) -> int:
         (args.lr, "--lr"),
         (args.max_train, "--max-train"),
         (args.image_size, "--image-size"),
+        (args.time_budget, "--time-budget"),
     ):
         _positive(value, what)
     if not 0 < args.threshold_quantile < 1:
@@ -227,6 +235,7 @@ def run_train(args: argparse.Namespace) -> int:
             symbolic_columns=_columns(args.symbolic_columns),
             log_columns=_columns(args.log_columns),
             threshold_quantile=args.threshold_quantile,
+            time_budget=args.time_budget,
             hparams=hparams,
             val_fraction=args.val_fraction,
             test=args.test,

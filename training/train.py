@@ -41,7 +41,9 @@ if TYPE_CHECKING:
     from training.data import Splits
 
 # Fields that may change between an interrupted run and its resume.
-RESUMABLE_FIELDS = frozenset({"epochs", "resume", "out", "device", "download", "data_root"})
+RESUMABLE_FIELDS = frozenset(
+    {"epochs", "time_budget", "resume", "out", "device", "download", "data_root"}
+)
 
 
 @dataclass
@@ -65,6 +67,9 @@ class TrainConfig:
     symbolic_columns: list[str] | None = None
     log_columns: list[str] | None = None
     threshold_quantile: float = 0.99
+    # Minutes of training (run.json's training_seconds, resumed epochs included): epochs
+    # continue while one more as long as the last still fits, up to `epochs` if given.
+    time_budget: float | None = None
     hparams: dict[str, Any] = field(default_factory=dict)
     # Own data only: the share of normal rows held out for checkpoint selection and the
     # threshold, and a table or image folder scored whole as the test set.
@@ -300,6 +305,8 @@ def train(
         raise RunError(f"unknown model {cfg.model!r}; choose one of {', '.join(ARCHITECTURES)}")
     if not 0.0 < cfg.threshold_quantile < 1.0:
         raise RunError(f"threshold_quantile must be in (0, 1), got {cfg.threshold_quantile}")
+    if cfg.time_budget is not None and not cfg.time_budget > 0:
+        raise RunError(f"time_budget must be positive minutes, got {cfg.time_budget}")
     cfg = absolute_paths(cfg)
     out = Path(cfg.out)
     config = {**cfg.to_dict(), "resume": False}
@@ -361,10 +368,16 @@ def _train(
         model.fit_input_space(train_x)
     val_x = torch.as_tensor(splits.val, dtype=torch.float32, device=device)
     epochs = h["epochs"]
-    for epoch in range(len(history) + 1, epochs + 1):
+    budget = None if cfg.time_budget is None else cfg.time_budget * 60.0
+    if budget is not None and cfg.epochs is None:
+        epochs = sys.maxsize  # the budget alone decides; the default schedule does not cap it
+    epoch = len(history)
+    while epoch < epochs and not _over_budget(budget, history):
+        epoch += 1
         t0 = time.perf_counter()
+        of = f"/{epochs}" if epochs != sys.maxsize else f" (budget {cfg.time_budget:g} min)"
         losses = _run_epoch(
-            model, train_x, h["batch_size"], gen, f"{cfg.model} epoch {epoch}/{epochs}", progress
+            model, train_x, h["batch_size"], gen, f"{cfg.model} epoch {epoch}{of}", progress
         )
         row = {"epoch": epoch, **losses, **_val_stats(model, val_x)}
         seconds += time.perf_counter() - t0
@@ -392,7 +405,7 @@ def _train(
         atomic_write(out / HISTORY_FILE, "".join(json.dumps(r) + "\n" for r in history).encode())
         if progress:
             shown = {k: f"{v:.4g}" for k, v in row.items() if k != "epoch"}
-            tqdm.write(f"{cfg.model} epoch {epoch}/{epochs}: {shown}")
+            tqdm.write(f"{cfg.model} epoch {epoch}{of}: {shown}")
         if on_epoch is not None:
             # Random draws inside the hook (building a scoring copy initialises weights)
             # must not shift the training run's random streams.
@@ -404,6 +417,17 @@ def _train(
             _set_rng_state(rng)
 
     return _finish(out, cfg, config, splits, model, h, history, best, seconds, peak, device)
+
+
+def _over_budget(budget: float | None, history: list[dict[str, Any]]) -> bool:
+    """Whether another epoch, as long as the last one, would end past the budget. The last
+    epoch, not the mean: the first one also pays one-off start-up costs, and a shared
+    machine's load changes. The first epoch always runs: a run needs a checkpoint."""
+    if budget is None or not history:
+        return False
+    seconds = history[-1]["seconds"]
+    last = seconds - (history[-2]["seconds"] if len(history) > 1 else 0.0)
+    return seconds + last > budget
 
 
 def _finish(

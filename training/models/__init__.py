@@ -55,7 +55,8 @@ _DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
         "feature_shrinkage": 1e-3,
         "knn_max_reference": 50_000,
     },
-    # D at a tenth of the lr: at full lr D wins and the reconstructions collapse.
+    # D at a tenth of the lr: at full lr D wins and the reconstructions collapse. knn: the
+    # paper's fm score ranks MNIST dev digit 1 at 0.81 AUROC, the nearest code at 0.999.
     ("egbad", "image"): {
         **_ADAM,
         "batch_size": 100,
@@ -70,7 +71,7 @@ _DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
         "ema_decay": 0.999,
         "d_lr_scale": 0.1,
         "score_weight": 0.1,
-        "score_method": "fm",
+        "score_method": "knn",
         "leaky_slope": 0.2,
         "w_rec": 0.0,
         "knn_max_reference": 50_000,
@@ -96,6 +97,8 @@ _DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
         "w_rec": 10.0,
         "knn_max_reference": 50_000,
     },
+    # The paper's reconstruction score stays: the nearest code of MEMGAN's encoder ranks MNIST
+    # dev digit 7 at 0.82 AUROC, the reconstruction error at 0.93 (same checkpoint).
     ("memgan", "image"): {
         **_ADAM,
         "lr": 5e-4,
