@@ -120,9 +120,9 @@ def test_parity_scale_survives_half_the_batch_at_zero() -> None:
     interquartile range is float32 noise. Such a model's encoder, exact to ~2e-4 in float32,
     must still export (the kdd-memgan case), while a graph off by a tenth still fails."""
     rng = np.random.default_rng(3)
-    pt = np.concatenate(
-        [np.zeros(34), rng.random(24) * 0.003, 0.05 + rng.random(6) * 0.5]
-    ).astype(np.float32)
+    pt = np.concatenate([np.zeros(34), rng.random(24) * 0.003, 0.05 + rng.random(6) * 0.5]).astype(
+        np.float32
+    )
     recon = np.zeros((len(pt), 3), np.float32)
     ort = pt + rng.random(len(pt)).astype(np.float32) * 2e-4
     assert compare(pt, ort, recon, recon, threshold=0.0028).problems(PARITY_TOLERANCE) == []
