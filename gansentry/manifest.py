@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from gansentry.contract import MANIFEST_FILE, MIN_OPSET, MODEL_FILE
 
@@ -196,6 +196,38 @@ class Manifest(_Strict):
 
     def save(self, directory: Path) -> None:
         atomic_write(Path(directory) / MANIFEST_FILE, self.model_dump_json(indent=2).encode())
+
+
+class ModelFolderError(ValueError):
+    """A model folder's manifest or graph cannot be trusted; the message says which and
+    why, without the folder's path (callers add what their users need)."""
+
+
+def load_verified(directory: Path) -> Manifest:
+    """The manifest of a `models/NAME/VERSION` folder, after checking what the service and
+    offline scoring both check before running the graph: the manifest parses against this
+    schema, and `model.onnx` exists with the sha256 the manifest records."""
+    directory = Path(directory)
+    try:
+        manifest = Manifest.load(directory)
+    except FileNotFoundError as e:
+        raise ModelFolderError(f"no {MANIFEST_FILE}") from e
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ModelFolderError(f"invalid {MANIFEST_FILE}: {where}: {first['msg']}") from e
+    except ValueError as e:
+        raise ModelFolderError(f"invalid {MANIFEST_FILE}: {e}") from e
+    onnx_path = directory / MODEL_FILE
+    if not onnx_path.is_file():
+        raise ModelFolderError(f"no {MODEL_FILE}")
+    digest = sha256_file(onnx_path)
+    if digest != manifest.onnx.sha256:
+        raise ModelFolderError(
+            f"sha256 of {MODEL_FILE} is {digest[:12]}..., "
+            f"manifest says {manifest.onnx.sha256[:12]}..."
+        )
+    return manifest
 
 
 def sha256_file(path: Path) -> str:

@@ -30,7 +30,6 @@ import numpy as np
 
 from gansentry.contract import (
     INPUT_NAME,
-    MANIFEST_FILE,
     MODEL_FILE,
     SCORE_NAME,
     ContractError,
@@ -45,10 +44,10 @@ from gansentry.datafiles import (
 )
 from gansentry.manifest import (
     ImageInput,
-    Manifest,
+    ModelFolderError,
     TabularInput,
     TabularPreprocessing,
-    sha256_file,
+    load_verified,
 )
 from gansentry.preprocessing import InputError, decode_image, screen_record
 
@@ -65,24 +64,13 @@ class OfflineModel:
 
     def __init__(self, directory: Path, threads: int | None = None) -> None:
         import onnxruntime as ort
-        from pydantic import ValidationError
 
         self.directory = Path(directory)
         try:
-            self.manifest = Manifest.load(self.directory)
-        except FileNotFoundError as e:
-            raise ScoreError(f"{self.directory}: no {MANIFEST_FILE} (not a model folder)") from e
-        except ValidationError as e:
-            first = e.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            raise ScoreError(f"{self.directory / MANIFEST_FILE}: {where}: {first['msg']}") from e
-        except ValueError as e:
-            raise ScoreError(f"{self.directory / MANIFEST_FILE}: {e}") from e
+            self.manifest = load_verified(self.directory)
+        except ModelFolderError as e:
+            raise ScoreError(f"{self.directory}: {e}") from e
         onnx_path = self.directory / MODEL_FILE
-        if not onnx_path.is_file():
-            raise ScoreError(f"{self.directory}: no {MODEL_FILE}")
-        if sha256_file(onnx_path) != self.manifest.onnx.sha256:
-            raise ScoreError(f"{onnx_path}: sha256 differs from the manifest's")
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         if threads:

@@ -16,18 +16,16 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from pydantic import ValidationError
 
 from gansentry.contract import (
     INPUT_NAME,
-    MANIFEST_FILE,
     MODEL_FILE,
     RECONSTRUCTION_NAME,
     SCORE_NAME,
     ContractError,
     check_io,
 )
-from gansentry.manifest import Manifest, sha256_file
+from gansentry.manifest import Manifest, ModelFolderError, load_verified, sha256_file
 from service import metrics
 from service.batching.base import ModelRef
 from service.providers import ProviderError, create_session
@@ -88,29 +86,15 @@ class LoadedModel:
 def load_model(directory: Path, settings: Settings) -> LoadedModel:
     """Load and verify one `models/NAME/VERSION` folder, or raise ModelLoadError."""
     try:
-        manifest = Manifest.load(directory)
-    except FileNotFoundError as e:
-        raise ModelLoadError(f"no {MANIFEST_FILE}") from e
-    except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise ModelLoadError(f"invalid {MANIFEST_FILE}: {where}: {first['msg']}") from e
-    except ValueError as e:
-        raise ModelLoadError(f"invalid {MANIFEST_FILE}: {e}") from e
+        manifest = load_verified(directory)
+    except ModelFolderError as e:
+        raise ModelLoadError(str(e)) from e
     name, version = directory.parent.name, directory.name
     if manifest.name != name or str(manifest.version) != version:
         raise ModelLoadError(
             f"manifest says {manifest.name}/{manifest.version} but the folder is {name}/{version}"
         )
     onnx_path = directory / MODEL_FILE
-    if not onnx_path.is_file():
-        raise ModelLoadError(f"no {MODEL_FILE}")
-    digest = sha256_file(onnx_path)
-    if digest != manifest.onnx.sha256:
-        raise ModelLoadError(
-            f"sha256 of {MODEL_FILE} is {digest[:12]}..., "
-            f"manifest says {manifest.onnx.sha256[:12]}..."
-        )
     shape = manifest.input.shape
     try:
         session, provider = create_session(onnx_path, settings, shape)
@@ -123,7 +107,7 @@ def load_model(directory: Path, settings: Settings) -> LoadedModel:
     except ContractError as e:
         raise ModelLoadError(f"I/O contract: {e}") from e
     model = LoadedModel(
-        ModelRef(name, int(version)), manifest, directory, session, provider, digest
+        ModelRef(name, int(version)), manifest, directory, session, provider, manifest.onnx.sha256
     )
     try:
         score, recon = model.run(np.zeros((1, *shape), np.float32))
