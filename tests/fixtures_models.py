@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from gansentry.contract import EXPORT_OPSET
+from gansentry.contract import EXPORT_OPSET, MIN_OPSET
 from gansentry.manifest import ImageInput, Manifest, TabularInput, TabularPreprocessing
 from gansentry.preprocessing import encode_columns, fit_tabular
 
@@ -214,3 +214,36 @@ def metric(name: str, **labels: str) -> float:
     from prometheus_client import REGISTRY
 
     return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def publish_graph(
+    models_dir: Path, name: str, graph: Any, features: int, threshold: float, rule: str, seed: int
+) -> Path:
+    """Save a hand-built tabular ONNX graph (`onnx.helper`, no torch) as `name` version 1
+    with a manifest, for tests that need a graph with a given behaviour."""
+    import onnx
+    from onnx import helper
+
+    from gansentry.manifest import OnnxInfo, sha256_file
+
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", MIN_OPSET)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    directory = models_dir / name / "1"
+    directory.mkdir(parents=True)
+    onnx.save(model, directory / "model.onnx")
+    Manifest(
+        name=name,
+        version=1,
+        architecture="ganomaly",
+        input=TabularInput(num_features=features, feature_names=[f"f{i}" for i in range(features)]),
+        threshold={"value": threshold, "rule": rule},
+        provenance={
+            "dataset": "fixture",
+            "protocol": "hand-built graph",
+            "epochs": 0,
+            "seed": seed,
+        },
+        onnx=OnnxInfo(sha256=sha256_file(directory / "model.onnx"), opset=MIN_OPSET),
+    ).save(directory)
+    return directory

@@ -158,11 +158,9 @@ def write_poisonable_model(models_dir: Path, name: str = POISON_MODEL) -> Path:
     floor(max(x)) into a one-element table. Inputs in [0, 1) score normally, so it is a
     real model with a real poison input, and the poison fails the whole ORT call."""
     import numpy as np
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from gansentry.contract import MIN_OPSET
-    from gansentry.manifest import Manifest, OnnxInfo, TabularInput, sha256_file
+    from tests.fixtures_models import publish_graph
 
     f, h = POISON_FEATURES, 4
     rng = np.random.default_rng(7)
@@ -195,22 +193,7 @@ def write_poisonable_model(models_dir: Path, name: str = POISON_MODEL) -> Path:
         ],
         inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", MIN_OPSET)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    directory = models_dir / name / "1"
-    directory.mkdir(parents=True)
-    onnx.save(model, directory / "model.onnx")
-    Manifest(
-        name=name,
-        version=1,
-        architecture="ganomaly",
-        input=TabularInput(num_features=f, feature_names=[f"f{i}" for i in range(f)]),
-        threshold={"value": 0.1, "rule": "fixed for the Redis tests"},
-        provenance={"dataset": "fixture", "protocol": "hand-built graph", "epochs": 0, "seed": 7},
-        onnx=OnnxInfo(sha256=sha256_file(directory / "model.onnx"), opset=MIN_OPSET),
-    ).save(directory)
-    return directory
+    return publish_graph(models_dir, name, graph, f, 0.1, "fixed for the Redis tests", seed=7)
 
 
 @pytest.fixture(scope="session")

@@ -25,6 +25,7 @@ from tests.fixtures_models import (
     b64,
     metric,
     png_bytes,
+    publish_graph,
     random_pixels,
     serving,
 )
@@ -40,11 +41,7 @@ def write_nonfinite_model(models_dir: Path, name: str = NAN_MODEL) -> Path:
     """A tabular graph (onnx.helper, no torch) whose outputs leave the reals on inputs it was
     not meant for: score = sum(log(x + 2)) is NaN for a feature below -2 and -Inf at -2;
     reconstruction = sqrt(x + 1) is NaN below -1. Inputs in [0, 1] score normally."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
-
-    from gansentry.contract import MIN_OPSET
-    from gansentry.manifest import Manifest, OnnxInfo, TabularInput, sha256_file
 
     f = NAN_FEATURES
     nodes = [
@@ -68,22 +65,9 @@ def write_nonfinite_model(models_dir: Path, name: str = NAN_MODEL) -> Path:
             numpy_helper.from_array(np.array([1], np.int64), "axes"),
         ],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", MIN_OPSET)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    directory = models_dir / name / "1"
-    directory.mkdir(parents=True)
-    onnx.save(model, directory / "model.onnx")
-    Manifest(
-        name=name,
-        version=1,
-        architecture="ganomaly",
-        input=TabularInput(num_features=f, feature_names=[f"f{i}" for i in range(f)]),
-        threshold={"value": 1.5, "rule": "fixed for the hostile-input tests"},
-        provenance={"dataset": "fixture", "protocol": "hand-built graph", "epochs": 0, "seed": 0},
-        onnx=OnnxInfo(sha256=sha256_file(directory / "model.onnx"), opset=MIN_OPSET),
-    ).save(directory)
-    return directory
+    return publish_graph(
+        models_dir, name, graph, f, 1.5, "fixed for the hostile-input tests", seed=0
+    )
 
 
 @pytest.fixture(scope="module")
