@@ -475,11 +475,13 @@ def report() -> str:
         "### Training time and peak memory",
         "",
         "Jobs that shared the cores with others ran slower (see the notes above), so the "
-        "range matters as much as the median.",
+        "range matters as much as the median. Budget: every GAN job trained its model's "
+        "default number of epochs (or the `epochs=` its row names), with no `--time-budget`; "
+        "the column shows the epochs run.",
         "",
-        "| dataset | model | jobs | train seconds (median) | train seconds (min-max) | "
-        "peak RSS MB (max) |",
-        "|---|---|---|---|---|---|",
+        "| dataset | model | jobs | budget (epochs run) | train seconds (median) | "
+        "train seconds (min-max) | peak RSS MB (max) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for dataset in ("mnist", "cifar10", "kddcup99", *TABLES):
         for model in models:
@@ -491,8 +493,10 @@ def report() -> str:
             ]
             if sel:
                 secs = [r["train_seconds"] for r in sel]
+                epochs = sorted({r["epochs"] for r in sel if r.get("epochs")})
+                budget = "-" if not epochs else ", ".join(str(e) for e in epochs)
                 out.append(
-                    f"| {dataset} | {model} | {len(sel)} | {np.median(secs):.0f} | "
+                    f"| {dataset} | {model} | {len(sel)} | {budget} | {np.median(secs):.0f} | "
                     f"{min(secs):.0f}-{max(secs):.0f} | "
                     f"{max(r['peak_memory_mb'] for r in sel):.0f} |"
                 )
