@@ -20,8 +20,15 @@ from gansentry.anomaly_map import (
     AnomalyMapError,
     add_to_graph,
     calibrate_vmax,
+    standalone,
 )
-from gansentry.contract import ANOMALY_MAP_NAME, INPUT_NAME, MODEL_FILE, REQUIRED_OUTPUTS
+from gansentry.contract import (
+    ANOMALY_MAP_NAME,
+    INPUT_NAME,
+    MODEL_FILE,
+    RECONSTRUCTION_NAME,
+    REQUIRED_OUTPUTS,
+)
 from gansentry.manifest import AnomalyMapInfo, ImageInput, Manifest
 
 CALIBRATION_BATCH = 256
@@ -57,6 +64,29 @@ def calibrate(onnx_path: Path, spec: ImageInput, val: np.ndarray) -> AnomalyMapI
         "validation-normal inputs"
     )
     return AnomalyMapInfo(sigma_px=SIGMA_PX, vmax=vmax, vmax_rule=rule)
+
+
+def report_maps(
+    x: np.ndarray, recons: np.ndarray, labels: np.ndarray, vmax: float | None
+) -> tuple[np.ndarray, float]:
+    """The anomaly maps of report examples, from their inputs and reconstructions through
+    the same map graph that exported models carry (a training run, or a model exported
+    before maps, has no map output of its own), and the colour scale: the model's, or the
+    99.9th percentile of the normal examples' map pixels when it has none."""
+    import onnxruntime as ort
+
+    _, channels, height, width = x.shape
+    graph = standalone(channels, height, width)
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    feed = {
+        INPUT_NAME: np.ascontiguousarray(x, np.float32),
+        RECONSTRUCTION_NAME: np.ascontiguousarray(recons, np.float32),
+    }
+    maps = session.run([ANOMALY_MAP_NAME], feed)[0]
+    if vmax is None:
+        normal = maps[np.asarray(labels) == 0]
+        vmax = calibrate_vmax(normal if len(normal) else maps)
+    return maps, vmax
 
 
 def manifest_fields(info: AnomalyMapInfo) -> dict[str, object]:
