@@ -106,7 +106,6 @@ def add_anomaly_map(
     calibrated on the validation normals of the model's own split, rebuilt from its
     manifest (or of `dataset`'s, when given)."""
     from training.evaluate import check_compatible, open_model_dir
-    from training.onnx_export import publish
 
     version_dir = Path(version_dir)
     if not version_dir.is_dir():
@@ -123,10 +122,24 @@ def add_anomaly_map(
     request = target.data.override(root=data_root, dataset=dataset)
     splits = request.load(download=download)
     check_compatible(old.input, splits.input_spec, request.dataset)
-    val = np.asarray(splits.val, dtype=np.float32)
+    out_root = Path(models_dir) if models_dir is not None else version_dir.parent.parent
+    return publish_with_map(version_dir, np.asarray(splits.val, dtype=np.float32), out_root)
+
+
+def publish_with_map(
+    version_dir: Path, val: np.ndarray, models_dir: Path, name: str | None = None
+) -> tuple[Manifest, Path]:
+    """Publish the verified model folder `version_dir` plus its anomaly map as the next
+    version of `name` (default: its own name) in `models_dir`, the colour scale calibrated
+    on the validation normals `val`."""
+    from training.onnx_export import publish
+
+    old = Manifest.load(version_dir)
+    where = f"{old.name}/{old.version}"
     with tempfile.TemporaryDirectory(prefix="gansentry-maps-") as tmp:
         onnx_path = Path(tmp) / MODEL_FILE
         write_graph_with_map(version_dir / MODEL_FILE, onnx_path)
+        assert isinstance(old.input, ImageInput)
         info = calibrate(onnx_path, old.input, val)
         fields = old.model_dump(exclude={"name", "version", "onnx", "created_at"})
         fields["provenance"]["derived_from"] = (
@@ -138,6 +151,5 @@ def add_anomaly_map(
             "opset": old.onnx.opset,
             "parity_max_rel_diff": old.onnx.parity_max_rel_diff,
         }
-        out_root = Path(models_dir) if models_dir is not None else version_dir.parent.parent
-        manifest = publish(out_root, old.name, onnx_path, fields)
-    return manifest, out_root / old.name / str(manifest.version)
+        manifest = publish(models_dir, name or old.name, onnx_path, fields)
+    return manifest, Path(models_dir) / manifest.name / str(manifest.version)
