@@ -94,11 +94,11 @@ def add_to_graph(model: onnx.ModelProto, sigma: float = SIGMA_PX) -> onnx.ModelP
             f"anomaly maps are for image models, whose input {INPUT_NAME!r} is [N, C, H, W] "
             "with fixed C, H and W"
         )
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    _append(
-        out.graph, dims[0].dim_param or "N", int(dims[2].dim_value), int(dims[3].dim_value), sigma
-    )
+    height, width = int(dims[2].dim_value), int(dims[3].dim_value)
+    _append(out.graph, dims[0].dim_param or "N", height, width, sigma, opset)
     onnx.checker.check_model(out)
     return out
 
@@ -121,15 +121,19 @@ def standalone(
         ],
         [],
     )
-    _append(graph, "N", height, width, sigma)
+    _append(graph, "N", height, width, sigma, opset)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 8
     onnx.checker.check_model(model)
     return model
 
 
-def _append(graph: onnx.GraphProto, batch: str, height: int, width: int, sigma: float) -> None:
-    """The map's nodes, reading `x` and `reconstruction` in `graph`, writing `anomaly_map`."""
+def _append(
+    graph: onnx.GraphProto, batch: str, height: int, width: int, sigma: float, opset: int
+) -> None:
+    """The map's nodes, reading `x` and `reconstruction` in `graph`, writing `anomaly_map`,
+    in the graph's own opset (ReduceMean takes its axes as an input from opset 18, as an
+    attribute before; the contract allows 17)."""
     from onnx import TensorProto, helper, numpy_helper
 
     r = radius(sigma)
@@ -154,6 +158,10 @@ def _append(graph: onnx.GraphProto, batch: str, height: int, width: int, sigma: 
             helper.make_node("Abs", [name("diff")], [name("residual")]),
             helper.make_node(
                 "ReduceMean", [name("residual"), name("channel_axis")], [name("grey")], keepdims=1
+            )
+            if opset >= 18
+            else helper.make_node(
+                "ReduceMean", [name("residual")], [name("grey")], axes=[1], keepdims=1
             ),
             helper.make_node("Pad", [name("grey"), name("pads")], [name("padded")], mode="reflect"),
             helper.make_node("Conv", [name("padded"), name("kernel")], [name("smooth")]),

@@ -323,3 +323,69 @@ def test_add_anomaly_map_publishes_the_next_version_with_the_same_scores(capsys,
         assert err.startswith("gansentry add-anomaly-map: error: ") and message in err
     assert sorted(p.name for p in (models / "mnist-ganomaly").iterdir()) == ["1", "2"]
     assert not (models / "kdd-egbad").exists()
+
+
+def write_division_model(models_dir: Path) -> Path:
+    """A hand-built 1x8x8 image graph at opset 17 whose reconstruction is x / x: NaN
+    wherever a pixel is 0, so its anomaly map is NaN there while its score (the mean
+    pixel) stays finite. Published as version 1, and with the map as version 2."""
+    from onnx import TensorProto, helper
+
+    from gansentry.contract import MIN_OPSET
+    from gansentry.manifest import ImageInput, OnnxInfo, sha256_file
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 8, 8])
+    graph = helper.make_graph(
+        [
+            # opset 17, the oldest the contract allows: ReduceMean's axes are an attribute
+            helper.make_node("ReduceMean", ["x"], ["score"], axes=[1, 2, 3], keepdims=0),
+            helper.make_node("Div", ["x", "x"], ["reconstruction"]),
+        ],
+        "division",
+        [x],
+        [
+            helper.make_tensor_value_info("score", TensorProto.FLOAT, ["N"]),
+            helper.make_tensor_value_info("reconstruction", TensorProto.FLOAT, ["N", 1, 8, 8]),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", MIN_OPSET)])
+    model.ir_version = 8
+    folder = models_dir / "division" / "1"
+    folder.mkdir(parents=True)
+    onnx.save(model, folder / "model.onnx")
+    Manifest(
+        name="division",
+        version=1,
+        architecture="ganomaly",
+        input=ImageInput(channels=1, height=8, width=8),
+        threshold={"value": 0.9, "rule": "fixed for the test"},
+        provenance={"dataset": "fixture", "protocol": "hand-built graph", "epochs": 0, "seed": 0},
+        onnx=OnnxInfo(sha256=sha256_file(folder / "model.onnx"), opset=MIN_OPSET),
+    ).save(folder)
+    normals = np.full((4, 1, 8, 8), 0.5, np.float32)
+    return publish_with_map(folder, normals, models_dir)[1]
+
+
+async def test_a_map_that_is_not_finite_is_refused_like_a_reconstruction(tmp_path):
+    write_division_model(tmp_path)
+    fine = np.full((1, 8, 8), 0.5)
+    holed = fine.copy()
+    holed[0, 3, 3] = 0.0
+    inputs = [{"array": fine.tolist()}, {"array": holed.tolist()}]
+    async with serving(tmp_path, providers="cpu") as s:
+        r = await s.client.post("/score", json={"model": "division", "inputs": inputs})
+        assert r.status_code == 200, "the scores are finite"
+        r = await s.client.post(
+            "/score", json={"model": "division", "inputs": inputs, "return_anomaly_map": True}
+        )
+        assert r.status_code == 422, r.text
+        assert r.json()["errors"] == [
+            "inputs[1]: the model's score for this input is not a finite number (NaN or Inf): "
+            "its values lie far outside what the model was trained on"
+        ]
+        r = await s.client.post(
+            "/score",
+            json={"model": "division", "inputs": inputs[:1], "return_anomaly_map": True},
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["results"][0]["anomaly_map_max"] == pytest.approx(0.5, rel=1e-5)
