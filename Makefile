@@ -78,11 +78,11 @@ format:
 	ruff check --fix .
 	ruff format .
 
-# The pictures in docs/reports: ROC, score histograms, reconstruction grids, errors by test
-# class (and MEMGAN's decoded memory units, which only a run folder has), from the shipped
-# models.
+# The pictures in docs/reports: ROC, score histograms, reconstruction and anomaly-map grids,
+# errors by test class (and MEMGAN's decoded memory units, which only a run folder has),
+# from the shipped models.
 reports:
-	$(GANSENTRY) evaluate $(MODELS)/mnist-ganomaly/1 --data-root $(DATA) --report-dir docs/reports/mnist-ganomaly
+	$(GANSENTRY) evaluate $(MODELS)/mnist-ganomaly/2 --data-root $(DATA) --report-dir docs/reports/mnist-ganomaly
 	$(GANSENTRY) evaluate $(RUNS)/mnist-memgan --data-root $(DATA) --report-dir docs/reports/mnist-memgan
 	$(GANSENTRY) evaluate $(MODELS)/kdd-egbad/2 --data-root $(DATA) --report-dir docs/reports/kdd-egbad
 	$(GANSENTRY) evaluate $(MODELS)/kdd-memgan/1 --data-root $(DATA) --report-dir docs/reports/kdd-memgan

@@ -2,7 +2,9 @@
 
 One graph per model: input `x` (float32, `[N, C, H, W]` images in [0, 1] or `[N, F]`
 preprocessed tabular features, dynamic `N`) -> `score` (float32 `[N]`, higher = more
-anomalous) and `reconstruction` (float32, the input's shape and value range)."""
+anomalous) and `reconstruction` (float32, the input's shape and value range). Image models
+may have a third output, `anomaly_map` (float32 `[N, H, W]`, see gansentry/anomaly_map.py);
+a graph without it is still served, without maps."""
 
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ MANIFEST_FILE = "manifest.json"
 INPUT_NAME = "x"
 SCORE_NAME = "score"
 RECONSTRUCTION_NAME = "reconstruction"
+ANOMALY_MAP_NAME = "anomaly_map"
+REQUIRED_OUTPUTS = (SCORE_NAME, RECONSTRUCTION_NAME)
 MIN_OPSET = 17
 EXPORT_OPSET = 18
 FLOAT_TYPE = "tensor(float)"
@@ -39,7 +43,7 @@ def check_io(
             f"expected one input named {INPUT_NAME!r}, got {[i.name for i in inputs]}"
         )
     names = {o.name: o for o in outputs}
-    for needed in (SCORE_NAME, RECONSTRUCTION_NAME):
+    for needed in REQUIRED_OUTPUTS:
         if needed not in names:
             raise ContractError(f"missing output {needed!r}; outputs are {sorted(names)}")
     x, score, recon = inputs[0], names[SCORE_NAME], names[RECONSTRUCTION_NAME]
@@ -59,3 +63,21 @@ def check_io(
             raise ContractError(
                 f"{arg.name!r} has shape {list(arg.shape)}, expected {['N', *expected]}"
             )
+    amap = names.get(ANOMALY_MAP_NAME)
+    if amap is not None:
+        _check_anomaly_map(amap, expected)
+
+
+def _check_anomaly_map(amap: _NodeArg, sample_shape: list[int]) -> None:
+    if len(sample_shape) != 3:
+        raise ContractError(f"{ANOMALY_MAP_NAME!r} is for image models ([N, C, H, W] inputs)")
+    if amap.type != FLOAT_TYPE:
+        raise ContractError(f"{ANOMALY_MAP_NAME!r} must be float32, got {amap.type}")
+    shape = list(amap.shape)
+    expected = ["N", *sample_shape[1:]]
+    if len(shape) != 3:
+        raise ContractError(f"{ANOMALY_MAP_NAME!r} must have rank 3 {expected}, got {shape}")
+    if isinstance(shape[0], int):
+        raise ContractError(f"{ANOMALY_MAP_NAME!r} must have a dynamic batch axis, got {shape}")
+    if any(isinstance(d, int) and d != e for d, e in zip(shape[1:], sample_shape[1:], strict=True)):
+        raise ContractError(f"{ANOMALY_MAP_NAME!r} has shape {shape}, expected {expected}")

@@ -13,7 +13,13 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from gansentry.contract import MANIFEST_FILE, MIN_OPSET, MODEL_FILE
+from gansentry.contract import (
+    ANOMALY_MAP_NAME,
+    MANIFEST_FILE,
+    MIN_OPSET,
+    MODEL_FILE,
+    REQUIRED_OUTPUTS,
+)
 
 SCHEMA_VERSION = 1
 Architecture = Literal["ganomaly", "egbad", "memgan"]
@@ -167,6 +173,9 @@ class Provenance(_Strict):
     training_seconds: float | None = None
     selected_epoch: int | None = None
     hyperparameters: dict[str, float | int | str | bool | None] = {}
+    # Set on a version published from another without training (gansentry add-anomaly-map):
+    # which version, and what changed.
+    derived_from: str | None = None
 
 
 class OnnxInfo(_Strict):
@@ -174,6 +183,17 @@ class OnnxInfo(_Strict):
     sha256: str
     opset: int = Field(ge=MIN_OPSET)
     parity_max_rel_diff: float | None = None
+
+
+class AnomalyMapInfo(_Strict):
+    """How the graph's `anomaly_map` output is made and shown (gansentry/anomaly_map.py):
+    the Gaussian smoothing's `sigma_px`, and `vmax`, the top of the heat-map colour scale,
+    chosen by `vmax_rule` (in words, e.g. "99.9th percentile of 592 validation-normal maps'
+    pixels")."""
+
+    sigma_px: float = Field(gt=0)
+    vmax: float = Field(gt=0, allow_inf_nan=False)
+    vmax_rule: str
 
 
 class Manifest(_Strict):
@@ -188,7 +208,29 @@ class Manifest(_Strict):
     # Why metrics are null where they are (e.g. no labelled anomalies to test on).
     metrics_note: str | None = None
     onnx: OnnxInfo
+    # The graph's outputs; manifests written before anomaly maps have the two required ones.
+    outputs: list[str] = list(REQUIRED_OUTPUTS)
+    anomaly_map: AnomalyMapInfo | None = None
     created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+
+    @model_validator(mode="after")
+    def _outputs(self) -> Manifest:
+        known = (*REQUIRED_OUTPUTS, ANOMALY_MAP_NAME)
+        unknown = [o for o in self.outputs if o not in known]
+        if unknown or len(set(self.outputs)) != len(self.outputs):
+            raise ValueError(f"outputs must be distinct names among {', '.join(known)}")
+        missing = [o for o in REQUIRED_OUTPUTS if o not in self.outputs]
+        if missing:
+            raise ValueError(f"outputs must include {', '.join(missing)}")
+        if (ANOMALY_MAP_NAME in self.outputs) != (self.anomaly_map is not None):
+            raise ValueError(f"an {ANOMALY_MAP_NAME!r} output needs anomaly_map settings, and back")
+        if self.anomaly_map is not None and not isinstance(self.input, ImageInput):
+            raise ValueError("anomaly maps are for image models")
+        return self
+
+    @property
+    def has_anomaly_map(self) -> bool:
+        return ANOMALY_MAP_NAME in self.outputs
 
     @classmethod
     def load(cls, directory: Path) -> Manifest:

@@ -18,6 +18,7 @@ import numpy as np
 import onnxruntime as ort
 
 from gansentry.contract import (
+    ANOMALY_MAP_NAME,
     INPUT_NAME,
     MODEL_FILE,
     RECONSTRUCTION_NAME,
@@ -59,28 +60,45 @@ class LoadedModel:
     def threshold(self) -> float:
         return self.manifest.threshold.value
 
+    @property
+    def has_anomaly_map(self) -> bool:
+        return self.manifest.has_anomaly_map
+
+    def infer(
+        self, x: np.ndarray, reconstruction: bool = True, anomaly_map: bool = False
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """One ONNX Runtime call on a batch: scores, and reconstructions and anomaly maps
+        if asked. Thread-safe (ORT's Run is). Only what is asked for is fetched: on a GPU
+        the reconstructions are nearly all the bytes copied back to the host, and most
+        callers never ask for them."""
+        names = [SCORE_NAME]
+        if reconstruction:
+            names.append(RECONSTRUCTION_NAME)
+        if anomaly_map:
+            names.append(ANOMALY_MAP_NAME)
+        outputs = self.session.run(names, {INPUT_NAME: np.ascontiguousarray(x, np.float32)})
+        got = dict(zip(names, outputs, strict=True))
+        return outputs[0].reshape(-1), got.get(RECONSTRUCTION_NAME), got.get(ANOMALY_MAP_NAME)
+
     def run(
         self, x: np.ndarray, reconstruction: bool = True
     ) -> tuple[np.ndarray, np.ndarray | None]:
-        """One ONNX Runtime call on a batch. Thread-safe (ORT's Run is). Without
-        `reconstruction` only the score is fetched: on a GPU the reconstructions are
-        nearly all the bytes copied back to the host, and most callers never ask for them."""
-        names = [SCORE_NAME, RECONSTRUCTION_NAME] if reconstruction else [SCORE_NAME]
-        outputs = self.session.run(names, {INPUT_NAME: np.ascontiguousarray(x, np.float32)})
-        return outputs[0].reshape(-1), outputs[1] if reconstruction else None
+        """`infer` without anomaly maps."""
+        scores, recons, _ = self.infer(x, reconstruction)
+        return scores, recons
 
     def run_observed(
-        self, x: np.ndarray, reconstruction: bool = True
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        """`run` for a served batch: records its size and ONNX Runtime time, the same way
+        self, x: np.ndarray, reconstruction: bool = True, anomaly_map: bool = False
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """`infer` for a served batch: records its size and ONNX Runtime time, the same way
         in the embedded batcher and in a Redis worker."""
         started = time.perf_counter()
-        scores, recons = self.run(x, reconstruction)
+        outputs = self.infer(x, reconstruction, anomaly_map)
         metrics.INFERENCE_LATENCY.labels(self.ref.name, self.provider).observe(
             time.perf_counter() - started
         )
         metrics.BATCH_SIZE.labels(self.ref.name).observe(len(x))
-        return scores, recons
+        return outputs
 
 
 def load_model(directory: Path, settings: Settings) -> LoadedModel:
@@ -106,17 +124,30 @@ def load_model(directory: Path, settings: Settings) -> LoadedModel:
         check_io(session.get_inputs(), session.get_outputs(), shape)
     except ContractError as e:
         raise ModelLoadError(f"I/O contract: {e}") from e
+    graph_outputs = {o.name for o in session.get_outputs()}
+    undeclared = [o for o in manifest.outputs if o not in graph_outputs]
+    if undeclared:
+        raise ModelLoadError(
+            f"the manifest lists output(s) {', '.join(undeclared)} that {MODEL_FILE} lacks"
+        )
     model = LoadedModel(
         ModelRef(name, int(version)), manifest, directory, session, provider, manifest.onnx.sha256
     )
     try:
-        score, recon = model.run(np.zeros((1, *shape), np.float32))
+        score, recon, amap = model.infer(
+            np.zeros((1, *shape), np.float32), anomaly_map=model.has_anomaly_map
+        )
     except Exception as e:
         raise ModelLoadError(f"test inference failed: {e}") from e
+    assert recon is not None
     if score.shape != (1,) or recon.shape != (1, *shape):
         raise ModelLoadError(
             f"test inference gave score {score.shape} and reconstruction {recon.shape}, "
             f"expected (1,) and {(1, *shape)}"
+        )
+    if amap is not None and amap.shape != (1, *shape[1:]):
+        raise ModelLoadError(
+            f"test inference gave an anomaly map of shape {amap.shape}, expected {(1, *shape[1:])}"
         )
     return model
 

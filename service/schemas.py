@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.json_schema import SkipJsonSchema
@@ -24,6 +24,7 @@ _PNG_1PX = (
 
 
 _INPUT_FIELDS = ("image", "array", "record")
+MapFormat = Literal["png", "array"]
 
 
 def _no_default(schema: dict[str, Any]) -> None:
@@ -116,6 +117,16 @@ class ScoreRequest(BaseModel):
     return_reconstruction: bool = Field(
         False, description="add each input's reconstruction (PNG for images, else a list)"
     )
+    return_anomaly_map: bool = Field(
+        False,
+        description="image models with anomaly maps: add each input's map (where the "
+        "reconstruction differs from the input, smoothed) and its maximum `anomaly_map_max`",
+    )
+    anomaly_map_format: MapFormat = Field(
+        "png",
+        description="png: a base64 PNG heat map, colour scale 0 to the model's "
+        "anomaly_map.vmax; array: the raw float map, a nested list [H][W]",
+    )
     timeout_ms: float | None = Field(
         None,
         gt=0,
@@ -133,6 +144,10 @@ class ScoreResult(BaseModel):
     reconstruction: str | list[Any] | None = Field(
         None, description="base64 PNG for image inputs, a nested list for array and record inputs"
     )
+    anomaly_map: str | list[Any] | None = Field(
+        None, description="base64 PNG heat map, or a nested list [H][W] (anomaly_map_format)"
+    )
+    anomaly_map_max: float | None = Field(None, description="the map's largest value")
 
 
 class ScoreResponse(BaseModel):
@@ -173,6 +188,10 @@ class ModelVersionInfo(BaseModel):
     provenance: dict[str, Any]
     sha256: str
     created_at: str
+    outputs: list[str] = Field(description="the graph's outputs; anomaly_map: it has maps")
+    anomaly_map: dict[str, Any] | None = Field(
+        None, description="smoothing and heat-map colour scale, for models with anomaly maps"
+    )
 
 
 class ModelInfo(BaseModel):

@@ -31,8 +31,9 @@ import numpy as np
 from fastapi import HTTPException, Request
 from starlette.types import Receive
 
+from gansentry.manifest import ImageInput
 from service import metrics
-from service.batching.base import Batcher, DeadlineExceeded, Scored
+from service.batching.base import Batcher, DeadlineExceeded, InferenceFailed, Scored
 from service.inputs import InputsInvalid, Parsed, Prepared, decode, parse_images
 from service.registry import LoadedModel, Registry
 from service.security import require_api_key
@@ -127,18 +128,51 @@ class Call:
         )
 
     async def score(
-        self, loaded: LoadedModel, parsed: Parsed, timeout_s: float, reconstruction: bool
+        self,
+        loaded: LoadedModel,
+        parsed: Parsed,
+        timeout_s: float,
+        reconstruction: bool,
+        anomaly_map: bool = False,
     ) -> Result | None:
         """Decode, batch and check one request. None: the client hung up."""
+        if anomaly_map:
+            check_anomaly_map(loaded)
         deadline = self.arrived + timeout_s
         prepared = await _decode(parsed, deadline, timeout_s)
         scored = await _submit(
-            self.request, self.batcher, loaded, prepared, deadline, timeout_s, reconstruction
+            self.request,
+            self.batcher,
+            loaded,
+            prepared,
+            deadline,
+            timeout_s,
+            reconstruction,
+            anomaly_map,
         )
         if scored is None:
             self.status = CLIENT_GONE
             return None
-        return _result(loaded, prepared, scored, reconstruction)
+        return _result(loaded, prepared, scored, reconstruction, anomaly_map)
+
+
+def check_anomaly_map(loaded: LoadedModel) -> None:
+    """422 for a request that asks a model without anomaly maps for one, saying why and
+    how to get them."""
+    if loaded.has_anomaly_map:
+        return
+    ref = loaded.ref
+    if not isinstance(loaded.manifest.input, ImageInput):
+        raise HTTPException(
+            422,
+            f"model {ref.name} version {ref.version} takes records or feature arrays; "
+            "anomaly maps are for image models only",
+        )
+    raise HTTPException(
+        422,
+        f"model {ref.name} version {ref.version} has no anomaly maps; publish a version with "
+        f"them with `gansentry add-anomaly-map models/{ref.name}/{ref.version}`",
+    )
 
 
 def begin(request: Request) -> Call:
@@ -169,6 +203,7 @@ class Result:
     is_anomaly: list[bool]
     reasons: dict[int, str]  # input index -> why the model's `anomaly` policy flags it
     reconstructions: np.ndarray | None  # float32 [n, *sample_shape], all finite; if asked
+    anomaly_maps: np.ndarray | None = None  # float32 [n, H, W], all finite; if asked
 
 
 async def offload(in_thread: bool, fn: Callable[..., T], *args: object) -> T:
@@ -208,6 +243,7 @@ async def _submit(
     deadline: float,
     timeout_s: float,
     want_recon: bool,
+    want_map: bool = False,
 ) -> Scored | None:
     """Wait for the batcher until the deadline (`time.monotonic()`; `timeout_s` is the
     request's whole allowance, for the message) or the client hanging up, whichever comes
@@ -234,7 +270,11 @@ async def _submit(
     watch = loop.create_task(_on_disconnect(request.receive, stop))
     try:
         return await batcher.submit(
-            loaded.ref, prepared.x, time.time() + left_s, reconstruction=want_recon
+            loaded.ref,
+            prepared.x,
+            time.time() + left_s,
+            reconstruction=want_recon,
+            anomaly_map=want_map,
         )
     except asyncio.CancelledError:
         if not why:
@@ -257,11 +297,20 @@ async def _on_disconnect(receive: Receive, stop: Callable[[str], None]) -> None:
     stop("client")
 
 
-def _result(loaded: LoadedModel, prepared: Prepared, scored: Scored, want_recon: bool) -> Result:
+def _result(
+    loaded: LoadedModel, prepared: Prepared, scored: Scored, want_recon: bool, want_map: bool
+) -> Result:
     threshold = loaded.threshold
     name = loaded.ref.name
     recons = scored.reconstructions if want_recon else None
-    _refuse_nonfinite(name, scored.scores, recons)
+    maps = scored.anomaly_maps if want_map else None
+    if want_map and maps is None:
+        # Through Redis: the worker's copy of this version has no anomaly_map output.
+        raise InferenceFailed(
+            f"the worker that computed {loaded.ref.key} has no anomaly maps for it; its model "
+            "repository differs from this API's"
+        )
+    _refuse_nonfinite(name, scored.scores, recons, maps)
     scores = scored.scores.tolist()
     flagged = [s > threshold for s in scores]
     for i in prepared.reasons:  # the model's unknown_policy is `anomaly`
@@ -276,13 +325,18 @@ def _result(loaded: LoadedModel, prepared: Prepared, scored: Scored, want_recon:
             ratio.observe(s / threshold)
     if want_recon:
         assert recons is not None, "asked the batcher for reconstructions"
-    return Result(loaded, prepared.kinds, scores, scored.scores, flagged, prepared.reasons, recons)
+    return Result(
+        loaded, prepared.kinds, scores, scored.scores, flagged, prepared.reasons, recons, maps
+    )
 
 
-def _refuse_nonfinite(name: str, scores: np.ndarray, recons: np.ndarray | None) -> None:
+def _refuse_nonfinite(
+    name: str, scores: np.ndarray, recons: np.ndarray | None, maps: np.ndarray | None = None
+) -> None:
     bad = ~np.isfinite(scores)
-    if recons is not None:
-        bad |= ~np.isfinite(recons.reshape(len(recons), -1)).all(axis=1)
+    for extra in (recons, maps):
+        if extra is not None:
+            bad |= ~np.isfinite(extra.reshape(len(extra), -1)).all(axis=1)
     if not bad.any():
         return
     where = np.flatnonzero(bad).tolist()

@@ -196,11 +196,19 @@ def write_poisonable_model(models_dir: Path, name: str = POISON_MODEL) -> Path:
     return publish_graph(models_dir, name, graph, f, 0.1, "fixed for the Redis tests", seed=7)
 
 
+MAPPED_MODEL = "digits-maps"
+
+
 @pytest.fixture(scope="session")
 def redis_models(model_repo, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The service's fixture repository plus the poisonable model."""
+    """The service's fixture repository plus the poisonable model, and `digits-maps/1`:
+    digits/2's graph with anomaly maps."""
+    from tests.fixtures_models import IMAGE_MODEL, image_sample
+    from training.anomaly_maps import publish_with_map
+
     root = model_repo.copy_to(tmp_path_factory.mktemp("redis-models") / "models")
     write_poisonable_model(root)
+    publish_with_map(root / IMAGE_MODEL / "2", image_sample(32, seed=5), root, name=MAPPED_MODEL)
     return root
 
 

@@ -26,6 +26,7 @@ from service.registry import Registry
 from service.settings import Settings
 from tests.fixtures_models import IMAGE_MODEL, ModelRepo, add_version
 from tests.fixtures_redis import (
+    MAPPED_MODEL,
     POISON_FEATURES,
     POISON_MODEL,
     ApiProcess,
@@ -185,6 +186,32 @@ async def test_concurrent_requests_answer_in_order_like_onnx_runtime(quick: Depl
     tabular = [s for a in answers[30:] for s in scores(a)]
     np.testing.assert_allclose(tabular, direct(quick.models, POISON_MODEL, rows), rtol=1e-5)
     assert quick.computed(IMAGE_MODEL) - computed0 == sum(len(x) for x in xs)
+
+
+async def test_anomaly_maps_go_only_to_the_requests_that_ask(quick: Deployment) -> None:
+    """Requests with and without maps batched together, one larger than a batch: each
+    gets what it asked for, in input order, equal to ONNX Runtime's own maps."""
+    xs = [images(n, seed=40 + i) for i, n in enumerate((1, 2, 11, 3, 1, 20))]
+    asks = [i % 2 == 0 for i in range(len(xs))]
+    bodies = [
+        body(MAPPED_MODEL, x, return_anomaly_map=ask, anomaly_map_format="array")
+        for x, ask in zip(xs, asks, strict=True)
+    ]
+    answers = await post_all(quick.api.url, bodies)
+    settings = Settings(models_dir=quick.models, providers="cpu", intra_op_threads=1)
+    model = Registry(quick.models, settings).load().get(MAPPED_MODEL)
+    for x, ask, answer in zip(xs, asks, answers, strict=True):
+        want_scores, _, want_maps = model.infer(x, reconstruction=False, anomaly_map=True)
+        np.testing.assert_allclose(scores(answer), want_scores, rtol=1e-5, atol=1e-7)
+        results = answer.json()["results"]
+        if not ask:
+            assert all("anomaly_map" not in r for r in results)
+            continue
+        got = np.array([r["anomaly_map"] for r in results], np.float32)
+        np.testing.assert_allclose(got, want_maps, rtol=1e-5, atol=1e-7)
+        assert [r["anomaly_map_max"] for r in results] == pytest.approx(
+            want_maps.max(axis=(1, 2)).tolist(), rel=1e-5
+        )
 
 
 async def test_requests_larger_than_a_batch_come_back_whole_and_in_order(

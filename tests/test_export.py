@@ -144,6 +144,7 @@ def test_memgan_images_report_memory_units_and_export(capsys, work, mnist_run):
     run_eval = cli_json(capsys, "evaluate", mnist_run)
     files = {Path(f).name for f in run_eval["files"]}
     assert "memory_units.png" in files and "reconstructions.png" in files
+    assert "anomaly_maps.png" in files, "image reports show input, reconstruction and map"
     assert (mnist_run / "report" / "memory_units.png").stat().st_size > 1000
     assert run_eval["normal_classes"] == ["3"] and len(run_eval["anomalous_classes"]) == 9
     assert run_eval["metrics"]["n_test"] == 100
@@ -154,6 +155,12 @@ def test_memgan_images_report_memory_units_and_export(capsys, work, mnist_run):
     assert manifest.input == ImageInput(channels=1, height=16, width=16)
     assert manifest.provenance.normal_classes == ["3"]
     assert manifest.architecture == "memgan"
+    # Image models are exported with the anomaly map, its colour scale from validation normals.
+    assert manifest.outputs == ["score", "reconstruction", "anomaly_map"]
+    assert manifest.anomaly_map is not None and manifest.anomaly_map.vmax > 0
+    session = ort.InferenceSession(str(path / MODEL_FILE), providers=["CPUExecutionProvider"])
+    (amap,) = session.run(["anomaly_map"], {INPUT_NAME: np.zeros((2, 1, 16, 16), np.float32)})
+    assert amap.shape == (2, 16, 16)
 
     pt, ox = torch_and_onnx_scores(mnist_run, path / MODEL_FILE)
     assert np.max(np.abs(pt - ox)) <= 1e-4 * np.max(np.abs(pt))
@@ -163,6 +170,7 @@ def test_memgan_images_report_memory_units_and_export(capsys, work, mnist_run):
     )
     assert model_eval["metrics"]["auroc"] == pytest.approx(run_eval["metrics"]["auroc"], abs=1e-4)
     assert model_eval["normal_classes"] == ["3"]
+    assert (work / "r3" / "anomaly_maps.png").stat().st_size > 1000
     # Overriding the class re-splits the same data: digit 5 becomes the normal class.
     other = cli_json(
         capsys,

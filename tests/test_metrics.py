@@ -130,7 +130,13 @@ def test_image_report_pictures(tmp_path):
     files = write_report(tmp_path, test, recons, scores, labels, m, {"memory_units": memory})
     names = sorted(f.name for f in files)
     assert names == sorted(
-        [report.ROC_FILE, report.HISTOGRAM_FILE, report.RECONSTRUCTIONS_FILE, report.MEMORY_FILE]
+        [
+            report.ROC_FILE,
+            report.HISTOGRAM_FILE,
+            report.RECONSTRUCTIONS_FILE,
+            report.ANOMALY_MAPS_FILE,
+            report.MEMORY_FILE,
+        ]
     )
     for f in files:
         _assert_png(f)

@@ -156,17 +156,20 @@ async def test_asyncio_client_health_metadata_and_infer(api: ApiProcess) -> None
         server = await c.get_server_metadata()
         assert server["name"] == "gansentry" and "binary_tensor_data" in server["extensions"]
         meta = await c.get_model_metadata(MNIST, headers=key())
-        assert meta["name"] == MNIST and meta["versions"] == ["1"]
+        assert meta["name"] == MNIST and meta["versions"] == ["1", "2"]
         assert meta["platform"] == "onnxruntime_onnx"
         assert {i["name"]: (i["datatype"], i["shape"]) for i in meta["inputs"]} == {
             "x": ("FP32", [-1, 1, 32, 32]),
             "image": ("BYTES", [-1]),
         }
-        assert {o["name"]: o["datatype"] for o in meta["outputs"]} == {
-            "score": "FP32",
-            "is_anomaly": "BOOL",
-            "reconstruction": "FP32",
+        assert {o["name"]: (o["datatype"], o["shape"]) for o in meta["outputs"]} == {
+            "score": ("FP32", [-1]),
+            "is_anomaly": ("BOOL", [-1]),
+            "reconstruction": ("FP32", [-1, 1, 32, 32]),
+            "anomaly_map": ("FP32", [-1, 32, 32]),
         }
+        old = await c.get_model_metadata(MNIST, "1", headers=key())
+        assert "anomaly_map" not in [o["name"] for o in old["outputs"]], "v1 has no maps"
         kdd = await c.get_model_metadata(KDD, headers=key())
         assert kdd["versions"] == ["1", "2"]
         assert [i["name"] for i in kdd["inputs"]] == ["x"], "tables take no images"
@@ -217,12 +220,28 @@ def test_errors_have_v2_bodies_and_the_score_routes_statuses(api: ApiProcess) ->
             400,
         ),
         ({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["%%"]}]}, 422),
-        ({"inputs": [_x_json(mnist_batch(1, 0))], "outputs": [{"name": "anomaly_map"}]}, 400),
+        ({"inputs": [_x_json(mnist_batch(1, 0))], "outputs": [{"name": "heatmap"}]}, 400),
     ]
     for body, status in cases:
         r = httpx.post(url, json=body, headers=key(), timeout=30)
         assert r.status_code == status, (body, r.text)
         assert set(r.json()) == {"error"} and r.json()["error"], r.text
+    # anomaly maps: a version without them, and a tabular model, are 422s that say why
+    maps = {"outputs": [{"name": "anomaly_map"}]}
+    r = httpx.post(
+        f"{api.url}/v2/models/{MNIST}/versions/1/infer",
+        json={"inputs": [_x_json(mnist_batch(1, 0))], **maps},
+        headers=key(),
+        timeout=30,
+    )
+    assert r.status_code == 422 and "has no anomaly maps" in r.json()["error"], r.text
+    r = httpx.post(
+        f"{api.url}/v2/models/{KDD}/infer",
+        json={"inputs": [_x_json(kdd_batch(1, 0))], **maps},
+        headers=key(),
+        timeout=30,
+    )
+    assert r.status_code == 422 and "for image models only" in r.json()["error"], r.text
     too_many = kdd_batch(257, seed=0)  # max_inputs_per_request is 256
     e = refused(KDD, too_many)
     assert e.status() == "413" and "257 inputs is over the limit of 256" in e.message()
@@ -279,15 +298,28 @@ def test_json_with_nested_data_and_metrics_count_v2_requests(api: ApiProcess) ->
     np.testing.assert_allclose(out["score"]["data"], [w["score"] for w in want], rtol=1e-6)
 
 
-def test_redis_backend_answers_v2_like_score(tmp_path: Path) -> None:
-    """Through Redis and a `gansentry worker`, the same binary-tensor answers."""
+def score_maps(url: str, model: str, x: np.ndarray, headers: dict[str, str]) -> np.ndarray:
+    body = {
+        "model": model,
+        "inputs": [{"array": row.tolist()} for row in x],
+        "return_anomaly_map": True,
+        "anomaly_map_format": "array",
+    }
+    r = httpx.post(f"{url}/score", json=body, headers=headers, timeout=30)
+    assert r.status_code == 200, r.text
+    return np.array([res["anomaly_map"] for res in r.json()["results"]], np.float32)
+
+
+def test_redis_backend_answers_v2_like_score(api: ApiProcess, tmp_path: Path) -> None:
+    """Through Redis and a `gansentry worker`, the same binary-tensor answers; and the
+    same anomaly maps from `/score` and `/v2`, in-process and through Redis."""
     redis_server = RedisServer(tmp_path / "redis").start()
     worker = WorkerProcess(redis_server.url, SHIPPED_MODELS, "w0", tmp_path, worker_heartbeat_s=0.5)
-    api = ApiProcess(SHIPPED_MODELS, tmp_path, redis_url=redis_server.url)
+    api_redis = ApiProcess(SHIPPED_MODELS, tmp_path, redis_url=redis_server.url)
     try:
-        api.wait_up()
+        api_redis.wait_up()
         worker.wait_alive()
-        c = triton.InferenceServerClient(api.url.removeprefix("http://"))
+        c = triton.InferenceServerClient(api_redis.url.removeprefix("http://"))
         for _ in range(100):
             if c.is_model_ready(MNIST):
                 break
@@ -297,11 +329,31 @@ def test_redis_backend_answers_v2_like_score(tmp_path: Path) -> None:
         x = mnist_batch(4, seed=6)
         got = infer_x(c, MNIST, x, True, ["score", "is_anomaly", "reconstruction"])
         body = {"model": MNIST, "inputs": [{"array": row.tolist()} for row in x]}
-        want = httpx.post(f"{api.url}/score", json=body, timeout=30).json()["results"]
+        want = httpx.post(f"{api_redis.url}/score", json=body, timeout=30).json()["results"]
         np.testing.assert_allclose(got.as_numpy("score"), [w["score"] for w in want], rtol=1e-6)
         assert got.as_numpy("is_anomaly").tolist() == [w["is_anomaly"] for w in want]
         assert got.as_numpy("reconstruction").shape == (4, 1, 32, 32)
+
+        digits = [
+            decode_image((EXAMPLES / f"mnist-test-{d}.png").read_bytes(), _mnist_spec())
+            for d in (0, 7)
+        ]
+        x = np.concatenate([np.stack(digits), mnist_batch(2, seed=7)])
+        maps = {
+            "embedded /score": score_maps(api.url, MNIST, x, key()),
+            "embedded /v2": infer_x(client(api), MNIST, x, True, ["anomaly_map"]),
+            "redis /score": score_maps(api_redis.url, MNIST, x, {}),
+            "redis /v2 json": infer_x(c, MNIST, x, False, ["anomaly_map"]),
+        }
+        maps = {
+            k: v if isinstance(v, np.ndarray) else v.as_numpy("anomaly_map")
+            for k, v in maps.items()
+        }
+        first = maps["embedded /score"]
+        assert first.shape == (4, 32, 32) and first[1].max() > first[0].max(), "the 7 lights up"
+        for where, got_maps in maps.items():
+            np.testing.assert_array_equal(got_maps, first, err_msg=where)
     finally:
-        api.stop()
+        api_redis.stop()
         worker.stop()
         redis_server.stop()

@@ -1,5 +1,5 @@
-"""`gansentry train|evaluate|export`. Arguments are declared here without importing torch;
-each command imports the training code only when it runs.
+"""`gansentry train|evaluate|export|add-anomaly-map`. Arguments are declared here without
+importing torch; each command imports the training code only when it runs.
 
 Bad input from the layers below (DataError, ValueError, missing files) becomes one
 CliError line naming the problem; anything else is a bug and keeps its traceback."""
@@ -170,6 +170,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     x.set_defaults(run=run_export)
 
+    a = sub.add_parser(
+        "add-anomaly-map",
+        help="publish an exported image model again, as its next version, with anomaly maps",
+    )
+    a.add_argument("model_dir", type=Path, metavar="MODELS_DIR/NAME/VERSION")
+    a.add_argument(
+        "--models-dir", type=Path, help="where to publish (default: the folder's own repository)"
+    )
+    a.add_argument("--data-root", type=Path, help="folder holding the datasets")
+    a.add_argument(
+        "--calibrate-dataset",
+        metavar="DATASET",
+        help="calibrate the heat-map colour scale on this dataset's validation normals "
+        "(default: the model's own split, rebuilt from its manifest)",
+    )
+    a.add_argument("--download", action="store_true", help="fetch public datasets if missing")
+    a.set_defaults(run=run_add_anomaly_map)
+
 
 def _check_choice(value: str, choices: tuple[str, ...], what: str) -> None:
     if value not in choices:
@@ -320,4 +338,25 @@ def run_export(args: argparse.Namespace) -> int:
     auroc = manifest.metrics.get("auroc")
     if auroc is not None:
         print(f"  AUROC {auroc:.4f} (ONNX Runtime, test split)", file=sys.stderr)
+    return 0
+
+
+def run_add_anomaly_map(args: argparse.Namespace) -> int:
+    with user_errors():
+        from training.anomaly_maps import add_anomaly_map
+
+        manifest, path = add_anomaly_map(
+            args.model_dir,
+            models_dir=args.models_dir,
+            data_root=args.data_root,
+            dataset=args.calibrate_dataset,
+            download=args.download,
+        )
+    print(path)
+    assert manifest.anomaly_map is not None
+    print(
+        f"  anomaly maps: colour scale 0..{manifest.anomaly_map.vmax:.4g} "
+        f"({manifest.anomaly_map.vmax_rule})",
+        file=sys.stderr,
+    )
     return 0

@@ -147,6 +147,8 @@ class Target:
     score: ScoreFn
     visuals: Callable[[], dict[str, np.ndarray]] = field(default=lambda: {})
     default_report_dir: Path = Path("report")
+    # The heat-map colour scale of an exported model with anomaly maps (its manifest's).
+    map_vmax: float | None = None
 
 
 @dataclass
@@ -245,6 +247,7 @@ def open_model_dir(path: Path) -> Target:
         data=data,
         score=loaded.run,
         default_report_dir=Path("reports") / f"{m.name}-v{m.version}",
+        map_vmax=m.anomaly_map.vmax if m.anomaly_map is not None else None,
     )
 
 
@@ -342,6 +345,7 @@ def write_report(
     labels: np.ndarray,
     result_metrics: dict[str, float | None],
     visuals: dict[str, np.ndarray],
+    map_vmax: float | None = None,
 ) -> list[Path]:
     report_dir.mkdir(parents=True, exist_ok=True)
     auroc = result_metrics.get("auroc")
@@ -355,6 +359,21 @@ def write_report(
     files.append(
         report.reconstructions_png(test[idx], recons[idx], scores[idx], labels[idx], pairs)
     )
+    if test.ndim == 4 and len(idx):
+        from training.anomaly_maps import report_maps
+
+        maps, vmax = report_maps(test[idx], recons[idx], labels[idx], map_vmax)
+        files.append(
+            report.anomaly_maps_png(
+                test[idx],
+                recons[idx],
+                maps,
+                vmax,
+                scores[idx],
+                labels[idx],
+                report_dir / report.ANOMALY_MAPS_FILE,
+            )
+        )
     for name, arr in visuals.items():
         target = report_dir / (report.MEMORY_FILE if name == "memory_units" else f"{name}.png")
         if arr.ndim == 4:
@@ -405,7 +424,14 @@ def evaluate(
     files: list[Path] = []
     if len(test):
         files = write_report(
-            out_dir, test, recons, scores, labels, result_metrics, target.visuals()
+            out_dir,
+            test,
+            recons,
+            scores,
+            labels,
+            result_metrics,
+            target.visuals(),
+            target.map_vmax,
         )
         files.append(write_scores(out_dir / SCORES_FILE, scores, labels))
     out_dir.mkdir(parents=True, exist_ok=True)

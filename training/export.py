@@ -2,7 +2,9 @@
 
 The manifest's metrics are measured on the test split with the exported ONNX graph on
 ONNX Runtime (the service's own session factory), not with PyTorch, so the numbers in the
-model repository describe exactly the graph that is served."""
+model repository describe exactly the graph that is served. Image models get the
+`anomaly_map` output (training/anomaly_maps.py) after the parity check, which compares
+the score and reconstruction that PyTorch also computes."""
 
 from __future__ import annotations
 
@@ -150,6 +152,12 @@ def export_run(
                 f"{name}: {e}. If the scores are right for your use, export with a larger "
                 "--parity-tolerance (a fraction of the spread of the scores)"
             ) from None
+        maps: dict[str, Any] = {}
+        if isinstance(spec, ImageInput):
+            from training.anomaly_maps import calibrate, manifest_fields, write_graph_with_map
+
+            write_graph_with_map(onnx_path, onnx_path)
+            maps = manifest_fields(calibrate(onnx_path, spec, val))
         session = cpu_session(onnx_path, tuple(spec.shape))
         val_scores, _ = score_batches(session, val)
         threshold = _threshold(info.threshold, val_scores, threshold_quantile, target_fpr)
@@ -174,6 +182,7 @@ def export_run(
             "provenance": provenance,
             **manifest_metrics(metrics),
             "onnx": {"opset": _opset(onnx_path), "parity_max_rel_diff": rel},
+            **maps,
         }
         manifest = publish(Path(models_dir), name, onnx_path, fields)
     return manifest, Path(models_dir) / name / str(manifest.version)

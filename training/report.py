@@ -23,6 +23,7 @@ HISTOGRAM_FILE = "score_histogram.png"
 RECONSTRUCTIONS_FILE = "reconstructions.png"
 MEMORY_FILE = "memory_units.png"
 PER_CLASS_FILE = "per_class_errors.png"
+ANOMALY_MAPS_FILE = "anomaly_maps.png"
 
 
 def _save(fig: Figure, path: Path) -> Path:
@@ -125,6 +126,42 @@ def _image_pairs(
         axes[0][i].set_title(f"{kind}\n{scores[i]:.3g}", fontsize=7)
     axes[0][0].set_ylabel("input", fontsize=8)
     axes[1][0].set_ylabel("recon", fontsize=8)
+    return _save(fig, path)
+
+
+def anomaly_maps_png(
+    inputs: np.ndarray,
+    recons: np.ndarray,
+    maps: np.ndarray,
+    vmax: float,
+    scores: np.ndarray,
+    labels: np.ndarray,
+    path: Path,
+) -> Path:
+    """Images: each column an input, its reconstruction and its anomaly map, the map in the
+    colours `/score` answers with (0 to `vmax`), so a served heat map reads the same."""
+    from gansentry.anomaly_map import heatmap
+
+    x, r = _to_hwc(inputs), _to_hwc(recons)
+    n = len(x)
+    fig, axes = plt.subplots(3, n, figsize=(1.2 * n, 4.2), squeeze=False)
+    for i in range(n):
+        for row, img in enumerate((x[i], r[i], heatmap(maps[i], vmax))):
+            ax = axes[row][i]
+            grey = img.ndim == 2
+            ax.imshow(
+                img,
+                cmap="gray" if grey else None,
+                vmin=0 if grey else None,
+                vmax=1 if grey else None,
+            )
+            ax.set_xticks([])
+            ax.set_yticks([])
+        kind = "anom" if labels[i] else "norm"
+        axes[0][i].set_title(f"{kind}\n{scores[i]:.3g}", fontsize=7)
+    for row, label in enumerate(("input", "recon", "map")):
+        axes[row][0].set_ylabel(label, fontsize=8)
+    fig.suptitle(f"anomaly maps (colour scale 0 to {vmax:.3g})", fontsize=9)
     return _save(fig, path)
 
 

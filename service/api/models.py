@@ -39,6 +39,8 @@ def version_info(model: LoadedModel) -> dict:
         "provenance": m.provenance.model_dump(mode="json"),
         "sha256": model.sha256,
         "created_at": m.created_at.isoformat(),
+        "outputs": m.outputs,
+        "anomaly_map": None if m.anomaly_map is None else m.anomaly_map.model_dump(mode="json"),
     }
 
 

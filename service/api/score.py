@@ -17,11 +17,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gansentry.anomaly_map import heatmap_base64_png
 from gansentry.preprocessing import array_to_base64_png
 from service.api.errors import INTERNAL_ERROR, error_response
 from service.inputs import Parsed, parse_json
 from service.registry import LoadedModel
-from service.schemas import ErrorResponse, ScoreRequest, ScoreResponse
+from service.schemas import ErrorResponse, MapFormat, ScoreRequest, ScoreResponse
 from service.scoring import THREAD_OFFLOAD_INPUTS, Call, Result, begin, observed, offload
 
 JSON_TYPE, MULTIPART_TYPE = "application/json", "multipart/form-data"
@@ -53,6 +54,8 @@ class MultipartQuery(BaseModel):
     model: str
     version: int | None = Field(None, ge=1)
     return_reconstruction: bool = False
+    return_anomaly_map: bool = False
+    anomaly_map_format: MapFormat = "png"
 
 
 _MULTIPART_ONLY = (
@@ -95,15 +98,20 @@ def _errors(*codes: int) -> dict[int | str, dict]:
             _query("model", {"type": "string"}, f"{_MULTIPART_ONLY}: the model name"),
             _query("version", {"type": "integer", "minimum": 1}, _MULTIPART_ONLY),
             _query("return_reconstruction", {"type": "boolean"}, _MULTIPART_ONLY),
+            _query("return_anomaly_map", {"type": "boolean"}, _MULTIPART_ONLY),
+            _query(
+                "anomaly_map_format", {"type": "string", "enum": ["png", "array"]}, _MULTIPART_ONLY
+            ),
         ],
         "security": [{"APIKeyHeader": []}],
     },
 )
 async def score(request: Request) -> Response:
     """JSON: `{"model", "version"?, "inputs": [{"image"} | {"array"} | {"record"}],
-    "return_reconstruction"?, "timeout_ms"?}`. Multipart: `?model=NAME` with one or more
-    `image` file fields. A bad input fails its whole request with a 422 naming it; inputs
-    past `max_inputs_per_request`, or images past `max_request_pixels` in all, are refused
+    "return_reconstruction"?, "return_anomaly_map"?, "anomaly_map_format"?, "timeout_ms"?}`.
+    Multipart: `?model=NAME` (and the same options) with one or more `image` file fields.
+    A bad input fails its whole request with a 422 naming it; inputs past
+    `max_inputs_per_request`, or images past `max_request_pixels` in all, are refused
     with 413. Content types are matched as media types (case-insensitive, parameters
     allowed); a body without one is read as JSON."""
     with observed(begin(request)) as call:
@@ -119,6 +127,7 @@ async def score(request: Request) -> Response:
                 timeout_s = call.timeout_s(None)
                 parsed = await _multipart(call, loaded)
                 want_recon = query.return_reconstruction
+                want_map, map_format = query.return_anomaly_map, query.anomaly_map_format
             elif media == JSON_TYPE or not media:
                 if request.query_params:
                     raise HTTPException(
@@ -141,15 +150,19 @@ async def score(request: Request) -> Response:
                     settings.max_request_pixels,
                 )
                 want_recon = body.return_reconstruction
+                want_map, map_format = body.return_anomaly_map, body.anomaly_map_format
             else:
                 raise HTTPException(
                     415, f"send application/json or multipart/form-data, not {ctype[:100]!r}"
                 )
-            result = await call.score(loaded, parsed, timeout_s, want_recon)
+            result = await call.score(loaded, parsed, timeout_s, want_recon, want_map)
             if result is None:
                 return Response(status_code=call.status)
             payload = await offload(
-                want_recon and len(result.kinds) >= THREAD_OFFLOAD_INPUTS, _payload, result
+                (want_recon or want_map) and len(result.kinds) >= THREAD_OFFLOAD_INPUTS,
+                _payload,
+                result,
+                map_format,
             )
             # allow_nan=False: an answer is valid JSON or not sent (the core refuses NaN).
             content = json.dumps(payload, allow_nan=False)
@@ -193,8 +206,9 @@ async def _multipart(call: Call, loaded: LoadedModel) -> Parsed:
     return await call.parse_images(loaded, images)
 
 
-def _payload(result: Result) -> dict:
-    recons = result.reconstructions
+def _payload(result: Result, map_format: MapFormat = "png") -> dict:
+    recons, maps = result.reconstructions, result.anomaly_maps
+    info = result.loaded.manifest.anomaly_map
     results: list[dict] = []
     for i, s in enumerate(result.scores):
         item: dict = {"score": s, "is_anomaly": result.is_anomaly[i]}
@@ -206,6 +220,13 @@ def _payload(result: Result) -> dict:
             item["reconstruction"] = (
                 array_to_base64_png(recon) if result.kinds[i] == "image" else recon.tolist()
             )
+        if maps is not None:
+            assert info is not None, "only models with anomaly maps return them"
+            amap = maps[i]
+            item["anomaly_map"] = (
+                heatmap_base64_png(amap, info.vmax) if map_format == "png" else amap.tolist()
+            )
+            item["anomaly_map_max"] = float(amap.max())
         results.append(item)
     loaded = result.loaded
     return {

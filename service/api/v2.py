@@ -10,7 +10,8 @@ deadline, limits, input checks, API keys and metrics; only the wire format diffe
   image models, `image` (BYTES, shape `[n]`: encoded PNG/JPEG files, raw in binary data,
   base64 strings in JSON), decoded and resized as `/score` does.
 - Outputs: `score` (FP32 `[n]`) and `is_anomaly` (BOOL `[n]`) by default; `reconstruction`
-  (FP32 `[n, *sample_shape]`) only when named in `outputs`, since it is most of the bytes.
+  (FP32 `[n, *sample_shape]`) only when named in `outputs`, since it is most of the bytes;
+  likewise `anomaly_map` (FP32 `[n, H, W]`), for image models that have maps.
 - Errors: `{"error": "..."}` with the status `/score` would give (404 unknown model, 413,
   422 a bad input value, 503, 504), and 400 for a request the protocol does not allow.
 - Timeout: the request parameter `timeout` (microseconds, as Triton's clients send it) or
@@ -34,7 +35,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gansentry import __version__
-from gansentry.contract import INPUT_NAME, RECONSTRUCTION_NAME, SCORE_NAME
+from gansentry.contract import ANOMALY_MAP_NAME, INPUT_NAME, RECONSTRUCTION_NAME, SCORE_NAME
 from gansentry.manifest import ImageInput
 from gansentry.preprocessing import InputError
 from service.api.errors import INTERNAL_ERROR, classify
@@ -49,7 +50,7 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 IMAGE_INPUT = "image"
 IS_ANOMALY = "is_anomaly"
 DEFAULT_OUTPUTS = (SCORE_NAME, IS_ANOMALY)
-OUTPUTS = (SCORE_NAME, IS_ANOMALY, RECONSTRUCTION_NAME)
+OUTPUTS = (SCORE_NAME, IS_ANOMALY, RECONSTRUCTION_NAME, ANOMALY_MAP_NAME)
 EXTENSIONS = ["binary_tensor_data"]
 PLATFORM = "onnxruntime_onnx"
 
@@ -226,16 +227,19 @@ def _metadata(loaded: LoadedModel, versions: list[int]) -> dict:
     inputs = [{"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, *shape]}]
     if isinstance(loaded.manifest.input, ImageInput):
         inputs.append({"name": IMAGE_INPUT, "datatype": "BYTES", "shape": [-1]})
+    outputs = [
+        {"name": SCORE_NAME, "datatype": "FP32", "shape": [-1]},
+        {"name": IS_ANOMALY, "datatype": "BOOL", "shape": [-1]},
+        {"name": RECONSTRUCTION_NAME, "datatype": "FP32", "shape": [-1, *shape]},
+    ]
+    if loaded.has_anomaly_map:
+        outputs.append({"name": ANOMALY_MAP_NAME, "datatype": "FP32", "shape": [-1, *shape[1:]]})
     return {
         "name": loaded.ref.name,
         "versions": [str(v) for v in versions],
         "platform": PLATFORM,
         "inputs": inputs,
-        "outputs": [
-            {"name": SCORE_NAME, "datatype": "FP32", "shape": [-1]},
-            {"name": IS_ANOMALY, "datatype": "BOOL", "shape": [-1]},
-            {"name": RECONSTRUCTION_NAME, "datatype": "FP32", "shape": [-1, *shape]},
-        ],
+        "outputs": outputs,
         "parameters": {
             "threshold": loaded.threshold,
             "architecture": loaded.manifest.architecture,
@@ -348,7 +352,13 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
             timeout_s = call.timeout_s(_timeout_ms(req.parameters))
             wanted = _wanted(req)
             parsed = await _inputs(call, loaded, req, binary)
-            result = await call.score(loaded, parsed, timeout_s, RECONSTRUCTION_NAME in wanted)
+            result = await call.score(
+                loaded,
+                parsed,
+                timeout_s,
+                RECONSTRUCTION_NAME in wanted,
+                ANOMALY_MAP_NAME in wanted,
+            )
             if result is None:
                 return Response(status_code=call.status)
             answer = _answer(req, result, wanted)
@@ -540,6 +550,9 @@ def _answer(req: InferRequest, result: Result, wanted: dict[str, bool]) -> Respo
             arr, datatype = result.score_array.astype("<f4", copy=False), "FP32"
         elif name == IS_ANOMALY:
             arr, datatype = np.array(result.is_anomaly, dtype=bool), "BOOL"
+        elif name == ANOMALY_MAP_NAME:
+            assert result.anomaly_maps is not None, "asked for anomaly maps"
+            arr, datatype = result.anomaly_maps.astype("<f4", copy=False), "FP32"
         else:
             assert result.reconstructions is not None, "asked for reconstructions"
             arr, datatype = result.reconstructions.astype("<f4", copy=False), "FP32"

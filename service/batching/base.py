@@ -57,6 +57,7 @@ class ModelRef:
 class Scored:
     scores: np.ndarray  # float32 [n]
     reconstructions: np.ndarray | None  # float32 [n, *sample_shape]; None if not asked for
+    anomaly_maps: np.ndarray | None = None  # float32 [n, H, W]; None if not asked for
 
 
 class Batcher(Protocol):
@@ -65,13 +66,19 @@ class Batcher(Protocol):
     async def stop(self) -> None: ...
 
     async def submit(
-        self, model: ModelRef, x: np.ndarray, deadline: float, reconstruction: bool = True
+        self,
+        model: ModelRef,
+        x: np.ndarray,
+        deadline: float,
+        reconstruction: bool = True,
+        anomaly_map: bool = False,
     ) -> Scored:
         """Score `x` ([n, *sample_shape], float32, already validated) as part of whatever
         batches the backend forms. `deadline` is a Unix time (time.time()): past it the
         request fails with DeadlineExceeded and is not computed. `reconstruction=False`
         lets a backend skip moving reconstructions it would only throw away (through
-        Redis they are most of the bytes); it may still return them."""
+        Redis they are most of the bytes); it may still return them. `anomaly_map=True`
+        asks for the graph's anomaly maps too (only for a model that has them)."""
         ...
 
     async def ready(self) -> tuple[bool, str]:

@@ -51,8 +51,10 @@ class _Request:
     arrival: float  # monotonic
     deadline: float  # monotonic
     reconstruction: bool = True
+    anomaly_map: bool = False
     scores: np.ndarray | None = None
     recons: np.ndarray | None = None
+    maps: np.ndarray | None = None
     remaining: int = 0
     timer: asyncio.TimerHandle | None = None
 
@@ -128,7 +130,12 @@ class EmbeddedBatcher:
         return None
 
     async def submit(
-        self, model: ModelRef, x: np.ndarray, deadline: float, reconstruction: bool = True
+        self,
+        model: ModelRef,
+        x: np.ndarray,
+        deadline: float,
+        reconstruction: bool = True,
+        anomaly_map: bool = False,
     ) -> Scored:
         if not self._running:
             raise BackendUnavailable("the batcher is not running")
@@ -149,7 +156,13 @@ class EmbeddedBatcher:
         if remaining_s <= 0:
             raise DeadlineExceeded("the request's deadline passed before it was queued")
         request = _Request(
-            x, loop.create_future(), now, now + remaining_s, reconstruction, remaining=n
+            x,
+            loop.create_future(),
+            now,
+            now + remaining_s,
+            reconstruction,
+            anomaly_map,
+            remaining=n,
         )
         request.timer = loop.call_later(remaining_s, self._expire, q, request)
         q.chunks.append(_Chunk(request, 0, n))
@@ -249,7 +262,12 @@ class EmbeddedBatcher:
     async def _compute(self, ref: ModelRef, batch: list[_Chunk]) -> None:
         model = self.registry.get(ref.name, ref.version)
         parts = [
-            policy.Part(c.request.x[c.start : c.start + c.count], c.request.reconstruction, c.start)
+            policy.Part(
+                c.request.x[c.start : c.start + c.count],
+                c.request.reconstruction,
+                c.start,
+                c.request.anomaly_map,
+            )
             for c in batch
         ]
         loop = asyncio.get_running_loop()
@@ -259,33 +277,42 @@ class EmbeddedBatcher:
                 chunk.request.fail(outcome.error)
             else:
                 assert outcome.scores is not None
-                _deliver(chunk, outcome.scores, outcome.recons)
+                _deliver(chunk, outcome.scores, outcome.recons, outcome.maps)
 
 
-def _deliver(chunk: _Chunk, scores: np.ndarray, recons: np.ndarray | None) -> None:
+def _deliver(
+    chunk: _Chunk, scores: np.ndarray, recons: np.ndarray | None, maps: np.ndarray | None
+) -> None:
     request = chunk.request
     if request.future.done():
         return
     n = len(request.x)
     if not request.reconstruction:
         recons = None
+    if not request.anomaly_map:
+        maps = None
     if chunk.count == n:
         if request.timer is not None:
             request.timer.cancel()
-        request.future.set_result(Scored(scores, recons))
+        request.future.set_result(Scored(scores, recons, maps))
         return
     if request.scores is None:
         request.scores = np.empty(n, dtype=np.float32)
         if recons is not None:
             request.recons = np.empty((n, *recons.shape[1:]), dtype=np.float32)
-    request.scores[chunk.start : chunk.start + chunk.count] = scores
+        if maps is not None:
+            request.maps = np.empty((n, *maps.shape[1:]), dtype=np.float32)
+    span = slice(chunk.start, chunk.start + chunk.count)
+    request.scores[span] = scores
     if request.recons is not None and recons is not None:
-        request.recons[chunk.start : chunk.start + chunk.count] = recons
+        request.recons[span] = recons
+    if request.maps is not None and maps is not None:
+        request.maps[span] = maps
     request.remaining -= chunk.count
     if request.remaining == 0:
         if request.timer is not None:
             request.timer.cancel()
-        request.future.set_result(Scored(request.scores, request.recons))
+        request.future.set_result(Scored(request.scores, request.recons, request.maps))
 
 
 def _resolve(future: asyncio.Future[None]) -> None:

@@ -2,8 +2,8 @@
 embedded batcher (service/batching/embedded.py) and the Redis worker
 (service/batching/redis/worker.py) both run their batches here.
 
-- One ONNX Runtime call per batch; reconstructions are fetched only if some part of the
-  batch asked for them, and go back only to the parts that did.
+- One ONNX Runtime call per batch; reconstructions and anomaly maps are each fetched
+  only if some part of the batch asked for them, and go back only to the parts that did.
 - If the call raises, the batch is re-run one part (one request's inputs) at a time, so
   a poison input fails only its own request; a part that fails alone is then run input
   by input to name the first input ONNX Runtime fails on.
@@ -38,14 +38,17 @@ class Part:
     x: np.ndarray  # float32 [count, *sample_shape]
     reconstruction: bool
     first: int = 0  # index of x[0] among the request's inputs, for error messages
+    anomaly_map: bool = False
 
 
 @dataclass(frozen=True)
 class Outcome:
-    """A part's scores (and reconstructions, if it asked), or why it failed."""
+    """A part's scores (and reconstructions and anomaly maps, if it asked), or why it
+    failed."""
 
     scores: np.ndarray | None = None
     recons: np.ndarray | None = None
+    maps: np.ndarray | None = None
     error: InferenceFailed | None = None
 
 
@@ -53,10 +56,11 @@ def run(model: LoadedModel, parts: Sequence[Part]) -> list[Outcome]:
     """One ONNX Runtime call for all `parts` (blocking: call it off the event loop), one
     outcome per part, in order. Never raises for an ONNX Runtime failure."""
     wanted = any(p.reconstruction for p in parts)
+    want_maps = any(p.anomaly_map for p in parts)
     try:
         # Inside the try: parts that do not stack are a failed batch like any other.
         x = parts[0].x if len(parts) == 1 else np.concatenate([p.x for p in parts])
-        scores, recons = model.run_observed(x, wanted)
+        scores, recons, maps = model.run_observed(x, wanted, want_maps)
     except Exception as e:
         if len(parts) > 1:
             log.warning(
@@ -75,7 +79,8 @@ def run(model: LoadedModel, parts: Sequence[Part]) -> list[Outcome]:
     for p in parts:
         end = offset + len(p.x)
         recon = recons[offset:end] if recons is not None and p.reconstruction else None
-        outcomes.append(Outcome(scores[offset:end], recon))
+        amap = maps[offset:end] if maps is not None and p.anomaly_map else None
+        outcomes.append(Outcome(scores[offset:end], recon, amap))
         offset = end
     return outcomes
 

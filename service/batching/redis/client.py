@@ -176,7 +176,12 @@ class RedisBatcher:
             log.warning("could not send the reload notice (%s); workers rescan by themselves", e)
 
     async def submit(
-        self, model: ModelRef, x: np.ndarray, deadline: float, reconstruction: bool = True
+        self,
+        model: ModelRef,
+        x: np.ndarray,
+        deadline: float,
+        reconstruction: bool = True,
+        anomaly_map: bool = False,
     ) -> Scored:
         if not self._running or self._redis is None:
             raise BackendUnavailable("the batcher is not running")
@@ -193,7 +198,7 @@ class RedisBatcher:
                 f"workers serve {sorted(self._served) or 'nothing'}"
             )
         rid = uuid.uuid4().hex
-        request = Request(rid, deadline, now, self.reply_key, x, reconstruction)
+        request = Request(rid, deadline, now, self.reply_key, x, reconstruction, anomaly_map)
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         self._pending[rid] = future
         stream = stream_key(model)

@@ -109,6 +109,7 @@ class Request:
     reply_to: str
     x: np.ndarray
     want_reconstruction: bool = True
+    want_anomaly_map: bool = False
 
     def fields(self) -> dict[str, bytes | str]:
         return {
@@ -118,6 +119,7 @@ class Request:
             "reply": self.reply_to,
             "n": str(self.n),
             "recon": "1" if self.want_reconstruction else "0",
+            "amap": "1" if self.want_anomaly_map else "0",
             "payload": msgpack.packb({"x": encode_array(self.x)}),
         }
 
@@ -177,7 +179,8 @@ def decode_request(fields: Mapping[bytes, bytes], sample_shape: tuple[int, ...])
     if x.shape[0] < 1:
         raise ProtocolError("payload x holds no inputs")
     want = fields.get(b"recon", b"1") != b"0"  # entries from older APIs have no flag
-    return Request(env.request_id, env.deadline, env.enqueued_at, env.reply_to, x, want)
+    want_map = fields.get(b"amap", b"0") == b"1"
+    return Request(env.request_id, env.deadline, env.enqueued_at, env.reply_to, x, want, want_map)
 
 
 # Error kinds a worker can answer with, and the exception the API raises for each.
@@ -193,10 +196,17 @@ _ERRORS: dict[str, type[BatchingError]] = {
 }
 
 
-def encode_result(request_id: str, scores: np.ndarray, recon: np.ndarray | None) -> bytes:
+def encode_result(
+    request_id: str,
+    scores: np.ndarray,
+    recon: np.ndarray | None,
+    anomaly_map: np.ndarray | None = None,
+) -> bytes:
     body: dict[str, object] = {"rid": request_id, "ok": True, "scores": encode_array(scores)}
     if recon is not None:
         body["recon"] = encode_array(recon)
+    if anomaly_map is not None:
+        body["amap"] = encode_array(anomaly_map)
     return msgpack.packb(body)
 
 
@@ -221,7 +231,9 @@ def decode_result(raw: bytes) -> Result:
         scores = decode_array(body.get("scores"), "result scores")
         raw_recon = body.get("recon")
         recon = None if raw_recon is None else decode_array(raw_recon, "result reconstruction")
-        return Result(rid, scored=Scored(scores, recon))
+        raw_map = body.get("amap")
+        amap = None if raw_map is None else decode_array(raw_map, "result anomaly map")
+        return Result(rid, scored=Scored(scores, recon, amap))
     kind = body.get("kind", INFERENCE)
     error_type = _ERRORS.get(kind, InferenceFailed)
     return Result(rid, error=error_type(str(body.get("message", kind))))

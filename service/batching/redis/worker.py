@@ -470,7 +470,17 @@ class Worker:
             metrics.QUEUE_WAIT.labels(model.ref.name).observe(
                 max(started - job.request.enqueued_at, 0)
             )
-        parts = [policy.Part(j.request.x, j.request.want_reconstruction) for j in chunk]
+        # A worker whose copy of the model has no maps answers without them, and the API
+        # says so, rather than failing the batch in ONNX Runtime.
+        maps = model.has_anomaly_map
+        parts = [
+            policy.Part(
+                j.request.x,
+                j.request.want_reconstruction,
+                anomaly_map=maps and j.request.want_anomaly_map,
+            )
+            for j in chunk
+        ]
         answers = []
         for job, outcome in zip(chunk, policy.run(model, parts), strict=True):
             rid = job.request.request_id
@@ -478,7 +488,7 @@ class Worker:
                 answers.append(self._failed(model, job, outcome.error))
                 continue
             assert outcome.scores is not None
-            body = encode_result(rid, outcome.scores, outcome.recons)
+            body = encode_result(rid, outcome.scores, outcome.recons, outcome.maps)
             answers.append(Answer(job.entry, _envelope(job.request), body))
         return answers
 
