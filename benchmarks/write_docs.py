@@ -31,6 +31,12 @@ comes from a command in this folder:
     python benchmarks/image_candidates.py --archs egbad --classes 1 --seeds 5 \
         # -> results/image_candidates.jsonl (EGBAD/MEMGAN image scores, dev digits)
     python benchmarks/image_candidates.py --archs memgan egbad --classes 7 --seeds 5
+    python benchmarks/image_candidates.py --archs memgan --classes 7 8 --seeds 5 \
+        --hparam w_cycle=10.0 --hparam epochs=6
+    python benchmarks/train_benchmark.py --plan mnist --models knn          # pixel baselines
+    python benchmarks/train_benchmark.py --plan cifar10 --models knn [--hparam contrast_norm=true]
+    python benchmarks/train_benchmark.py --plan mnist --models egbad --seeds 0 1   # knn default
+    # (EGBAD image rows labelled score_method=fm ran before knn became its image default)
     make reports                              # -> docs/reports/*/metrics.json (errors by class)
     python benchmarks/write_docs.py                                       # -> docs/benchmarks.md
     # results/log-kdd/: KDD with the counts log-scaled (a negative result), made at commit
