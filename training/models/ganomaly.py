@@ -26,8 +26,9 @@ D_COLLAPSE = 1e-5
 ScoreMethod = Literal["latent", "feature-mahalanobis", "reconstruction", "knn"]
 
 
-class _Losses(Hparams):
-    """The paper's generator loss weights: the reconstruction term dominates."""
+class _Shared(Hparams):
+    """Both input kinds: the paper's generator loss weights (the reconstruction term
+    dominates) and the fitted scores' settings."""
 
     w_adv: float = 1.0
     w_con: float = 50.0
@@ -36,7 +37,7 @@ class _Losses(Hparams):
     knn_max_reference: int = 50_000
 
 
-class GANomalyImage(ImageHparams, _Losses):
+class GANomalyImage(ImageHparams, _Shared):
     # The paper's latent score on raw pixels suits MNIST-like data and brightness defects;
     # feature-mahalanobis is the CIFAR-10 recipe, with contrast_norm.
     batch_size: int = 64
@@ -45,7 +46,7 @@ class GANomalyImage(ImageHparams, _Losses):
     score_method: ScoreMethod = "latent"
 
 
-class GANomalyTabular(_Losses):
+class GANomalyTabular(_Shared):
     # knn: the paper's latent score ranks below chance on some tables.
     batch_size: int = 64
     epochs: int = 5

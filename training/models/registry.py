@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+import re
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
@@ -21,7 +22,7 @@ from gansentry.manifest import ARCHITECTURE_PATTERN, ImageInput, TabularInput
 if TYPE_CHECKING:
     from training.models.base import AnomalyGAN
 
-InputKind = str  # "image" or "tabular": the manifest's `input.kind`
+InputKind = Literal["image", "tabular"]  # the manifest's `input.kind`
 
 
 class Hparams(BaseModel):
@@ -73,7 +74,7 @@ class Registered:
 
 _MODELS: dict[str, Registered] = {}
 
-M = TypeVar("M", bound="type[AnomalyGAN]")
+M = TypeVar("M", bound="type[AnomalyGAN]")  # the decorated class, returned unchanged
 
 
 def register(
@@ -81,11 +82,10 @@ def register(
 ) -> Callable[[M], M]:
     """Class decorator: serve `cls` as architecture `name` (the manifest's `architecture`)
     for the input kinds given defaults here; a kind without defaults is refused."""
-    import re
-
     if not re.fullmatch(ARCHITECTURE_PATTERN, name):
         raise ValueError(f"architecture name {name!r} must match {ARCHITECTURE_PATTERN}")
-    kinds = {k: v for k, v in (("image", image), ("tabular", tabular)) if v is not None}
+    given: dict[InputKind, type[Hparams] | None] = {"image": image, "tabular": tabular}
+    kinds = {k: v for k, v in given.items() if v is not None}
     if not kinds:
         raise ValueError(f"architecture {name!r} needs defaults for at least one input kind")
 
