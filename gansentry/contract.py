@@ -2,9 +2,11 @@
 
 One graph per model: input `x` (float32, `[N, C, H, W]` images in [0, 1] or `[N, F]`
 preprocessed tabular features, dynamic `N`) -> `score` (float32 `[N]`, higher = more
-anomalous) and `reconstruction` (float32, the input's shape and value range). Image models
-may have a third output, `anomaly_map` (float32 `[N, H, W]`, see gansentry/anomaly_map.py);
-a graph without it is still served, without maps."""
+anomalous). Optional outputs, each declared in the manifest's `outputs`:
+`reconstruction` (float32, the input's shape and value range; every reconstructing model
+has it, and manifests without `outputs` mean score and reconstruction) and, for image
+models, `anomaly_map` (float32 `[N, H, W]`, see gansentry/anomaly_map.py). A model that
+does not reconstruct its input is served with scores only."""
 
 from __future__ import annotations
 
@@ -17,7 +19,10 @@ INPUT_NAME = "x"
 SCORE_NAME = "score"
 RECONSTRUCTION_NAME = "reconstruction"
 ANOMALY_MAP_NAME = "anomaly_map"
-REQUIRED_OUTPUTS = (SCORE_NAME, RECONSTRUCTION_NAME)
+REQUIRED_OUTPUTS = (SCORE_NAME,)
+OPTIONAL_OUTPUTS = (RECONSTRUCTION_NAME, ANOMALY_MAP_NAME)
+# What a manifest without `outputs` (written before outputs were declared) means.
+DEFAULT_OUTPUTS = (SCORE_NAME, RECONSTRUCTION_NAME)
 MIN_OPSET = 17
 EXPORT_OPSET = 18
 FLOAT_TYPE = "tensor(float)"
@@ -46,18 +51,19 @@ def check_io(
     for needed in REQUIRED_OUTPUTS:
         if needed not in names:
             raise ContractError(f"missing output {needed!r}; outputs are {sorted(names)}")
-    x, score, recon = inputs[0], names[SCORE_NAME], names[RECONSTRUCTION_NAME]
-    for arg in (x, score, recon):
+    x, score, recon = inputs[0], names[SCORE_NAME], names.get(RECONSTRUCTION_NAME)
+    like_x = [x] if recon is None else [x, recon]
+    for arg in (*like_x, score):
         if arg.type != FLOAT_TYPE:
             raise ContractError(f"{arg.name!r} must be float32, got {arg.type}")
     expected = list(sample_shape)
-    for arg, rank in ((x, 1 + len(expected)), (recon, 1 + len(expected)), (score, 1)):
+    for arg, rank in (*((a, 1 + len(expected)) for a in like_x), (score, 1)):
         shape = list(arg.shape)
         if len(shape) != rank:
             raise ContractError(f"{arg.name!r} must have rank {rank}, got shape {shape}")
         if isinstance(shape[0], int):
             raise ContractError(f"{arg.name!r} must have a dynamic batch axis, got shape {shape}")
-    for arg in (x, recon):
+    for arg in like_x:
         fixed = list(arg.shape)[1:]
         if any(isinstance(d, int) and d != e for d, e in zip(fixed, expected, strict=True)):
             raise ContractError(

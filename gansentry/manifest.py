@@ -6,23 +6,36 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from gansentry.contract import (
     ANOMALY_MAP_NAME,
+    DEFAULT_OUTPUTS,
     MANIFEST_FILE,
     MIN_OPSET,
     MODEL_FILE,
+    OPTIONAL_OUTPUTS,
+    RECONSTRUCTION_NAME,
     REQUIRED_OUTPUTS,
 )
 
 SCHEMA_VERSION = 1
-Architecture = Literal["ganomaly", "egbad", "memgan"]
+# Any architecture whose graph honours the contract is served: the service never looks at
+# this name, so a newly registered model needs no schema or service change.
+ARCHITECTURE_PATTERN = r"^[a-z][a-z0-9_-]{0,63}$"
 
 
 class _Strict(BaseModel):
@@ -200,7 +213,7 @@ class Manifest(_Strict):
     schema_version: Literal[1] = SCHEMA_VERSION
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     version: int = Field(ge=1)
-    architecture: Architecture
+    architecture: str
     input: InputSpec
     threshold: Threshold
     provenance: Provenance
@@ -208,14 +221,25 @@ class Manifest(_Strict):
     # Why metrics are null where they are (e.g. no labelled anomalies to test on).
     metrics_note: str | None = None
     onnx: OnnxInfo
-    # The graph's outputs; manifests written before anomaly maps have the two required ones.
-    outputs: list[str] = list(REQUIRED_OUTPUTS)
+    # The graph's outputs the service may ask for (gansentry/contract.py): `score`, and
+    # `reconstruction` and `anomaly_map` where the model has them.
+    outputs: list[str] = list(DEFAULT_OUTPUTS)
     anomaly_map: AnomalyMapInfo | None = None
     created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
 
+    @field_validator("architecture")
+    @classmethod
+    def _architecture(cls, value: str) -> str:
+        if not re.fullmatch(ARCHITECTURE_PATTERN, value):
+            raise ValueError(
+                f"architecture {value!r} must be a lower-case name: a letter, then up to 63 "
+                "letters, digits, '_' or '-'"
+            )
+        return value
+
     @model_validator(mode="after")
     def _outputs(self) -> Manifest:
-        known = (*REQUIRED_OUTPUTS, ANOMALY_MAP_NAME)
+        known = (*REQUIRED_OUTPUTS, *OPTIONAL_OUTPUTS)
         unknown = [o for o in self.outputs if o not in known]
         if unknown or len(set(self.outputs)) != len(self.outputs):
             raise ValueError(f"outputs must be distinct names among {', '.join(known)}")
@@ -226,11 +250,18 @@ class Manifest(_Strict):
             raise ValueError(f"an {ANOMALY_MAP_NAME!r} output needs anomaly_map settings, and back")
         if self.anomaly_map is not None and not isinstance(self.input, ImageInput):
             raise ValueError("anomaly maps are for image models")
+        if self.has_anomaly_map and not self.has_reconstruction:
+            # The map is |x - reconstruction|: a model without one has nothing to map.
+            raise ValueError(f"an {ANOMALY_MAP_NAME!r} output needs a {RECONSTRUCTION_NAME!r} one")
         return self
 
     @property
     def has_anomaly_map(self) -> bool:
         return ANOMALY_MAP_NAME in self.outputs
+
+    @property
+    def has_reconstruction(self) -> bool:
+        return RECONSTRUCTION_NAME in self.outputs
 
     @classmethod
     def load(cls, directory: Path) -> Manifest:

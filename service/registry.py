@@ -64,17 +64,21 @@ class LoadedModel:
     def has_anomaly_map(self) -> bool:
         return self.manifest.has_anomaly_map
 
+    @property
+    def has_reconstruction(self) -> bool:
+        return self.manifest.has_reconstruction
+
     def infer(
         self, x: np.ndarray, reconstruction: bool = True, anomaly_map: bool = False
     ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         """One ONNX Runtime call on a batch: scores, and reconstructions and anomaly maps
-        if asked. Thread-safe (ORT's Run is). Only what is asked for is fetched: on a GPU
-        the reconstructions are nearly all the bytes copied back to the host, and most
-        callers never ask for them."""
+        if asked and the model has them (None otherwise). Thread-safe (ORT's Run is). Only
+        what is asked for is fetched: on a GPU the reconstructions are nearly all the bytes
+        copied back to the host, and most callers never ask for them."""
         names = [SCORE_NAME]
-        if reconstruction:
+        if reconstruction and self.has_reconstruction:
             names.append(RECONSTRUCTION_NAME)
-        if anomaly_map:
+        if anomaly_map and self.has_anomaly_map:
             names.append(ANOMALY_MAP_NAME)
         outputs = self.session.run(names, {INPUT_NAME: np.ascontiguousarray(x, np.float32)})
         got = dict(zip(names, outputs, strict=True))
@@ -139,11 +143,11 @@ def load_model(directory: Path, settings: Settings) -> LoadedModel:
         )
     except Exception as e:
         raise ModelLoadError(f"test inference failed: {e}") from e
-    assert recon is not None
-    if score.shape != (1,) or recon.shape != (1, *shape):
+    if score.shape != (1,):
+        raise ModelLoadError(f"test inference gave score {score.shape}, expected (1,)")
+    if recon is not None and recon.shape != (1, *shape):
         raise ModelLoadError(
-            f"test inference gave score {score.shape} and reconstruction {recon.shape}, "
-            f"expected (1,) and {(1, *shape)}"
+            f"test inference gave a reconstruction of shape {recon.shape}, expected {(1, *shape)}"
         )
     if amap is not None and amap.shape != (1, *shape[1:]):
         raise ModelLoadError(

@@ -136,6 +136,8 @@ class Call:
         anomaly_map: bool = False,
     ) -> Result | None:
         """Decode, batch and check one request. None: the client hung up."""
+        if reconstruction:
+            check_reconstruction(loaded)
         if anomaly_map:
             check_anomaly_map(loaded)
         deadline = self.arrived + timeout_s
@@ -156,6 +158,18 @@ class Call:
         return _result(loaded, prepared, scored, reconstruction, anomaly_map)
 
 
+def check_reconstruction(loaded: LoadedModel) -> None:
+    """422 for a request that asks a model that does not reconstruct its input (its
+    manifest's `outputs` lack `reconstruction`) for reconstructions."""
+    if not loaded.has_reconstruction:
+        ref = loaded.ref
+        raise HTTPException(
+            422,
+            f"model {ref.name} version {ref.version} has no reconstructions: its graph "
+            f"outputs only {', '.join(loaded.manifest.outputs)}",
+        )
+
+
 def check_anomaly_map(loaded: LoadedModel) -> None:
     """422 for a request that asks a model without anomaly maps for one, saying why and
     how to get them."""
@@ -167,6 +181,12 @@ def check_anomaly_map(loaded: LoadedModel) -> None:
             422,
             f"model {ref.name} version {ref.version} takes records or feature arrays; "
             "anomaly maps are for image models only",
+        )
+    if not loaded.has_reconstruction:
+        raise HTTPException(
+            422,
+            f"model {ref.name} version {ref.version} has no reconstructions, so no anomaly "
+            "maps (a map is the difference between an input and its reconstruction)",
         )
     raise HTTPException(
         422,
@@ -310,6 +330,12 @@ def _result(
             f"the worker that computed {loaded.ref.key} has no anomaly maps for it; its model "
             "repository differs from this API's"
         )
+    if want_recon and recons is None:
+        # Through Redis: the worker's copy of this version has no reconstruction output.
+        raise InferenceFailed(
+            f"the worker that computed {loaded.ref.key} has no reconstructions for it; its "
+            "model repository differs from this API's"
+        )
     _refuse_nonfinite(name, scored.scores, recons, maps)
     scores = scored.scores.tolist()
     flagged = [s > threshold for s in scores]
@@ -323,8 +349,6 @@ def _result(
         ratio = metrics.SCORE_RATIO.labels(name)
         for s in scores:
             ratio.observe(s / threshold)
-    if want_recon:
-        assert recons is not None, "asked the batcher for reconstructions"
     return Result(
         loaded, prepared.kinds, scores, scored.scores, flagged, prepared.reasons, recons, maps
     )

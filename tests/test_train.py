@@ -235,7 +235,7 @@ def test_bad_configs_are_refused_clearly(tmp_path):
         train(cfg(tmp_path, epochs=1), splits, progress=False)
     with pytest.raises(RunError, match=r"differs \(seed: 0 -> 1\)"):
         train(cfg(tmp_path, epochs=2, seed=1, resume=True), splits, progress=False)
-    with pytest.raises(RunError, match="unknown model 'anogan'; choose one of ganomaly"):
+    with pytest.raises(RunError, match="unknown model .anogan.; choose one of .*ganomaly"):
         train(cfg(tmp_path, "x", model="anogan"), splits, progress=False)
     with pytest.raises(RunError, match="unknown hyperparameter"):
         train(cfg(tmp_path, "y", hparams={"widht": 3}), splits, progress=False)

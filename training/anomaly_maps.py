@@ -24,10 +24,10 @@ from gansentry.anomaly_map import (
 )
 from gansentry.contract import (
     ANOMALY_MAP_NAME,
+    DEFAULT_OUTPUTS,
     INPUT_NAME,
     MODEL_FILE,
     RECONSTRUCTION_NAME,
-    REQUIRED_OUTPUTS,
 )
 from gansentry.manifest import AnomalyMapInfo, ImageInput, Manifest
 
@@ -90,7 +90,7 @@ def report_maps(
 
 
 def manifest_fields(info: AnomalyMapInfo) -> dict[str, object]:
-    return {"outputs": [*REQUIRED_OUTPUTS, ANOMALY_MAP_NAME], "anomaly_map": info}
+    return {"outputs": [*DEFAULT_OUTPUTS, ANOMALY_MAP_NAME], "anomaly_map": info}
 
 
 def add_anomaly_map(
@@ -119,6 +119,10 @@ def add_anomaly_map(
         )
     if old.has_anomaly_map:
         raise AnomalyMapError(f"{where} already has anomaly maps")
+    if not old.has_reconstruction:
+        raise AnomalyMapError(
+            f"{where} has no reconstruction output; an anomaly map is made from one"
+        )
     request = target.data.override(root=data_root, dataset=dataset)
     splits = request.load(download=download)
     check_compatible(old.input, splits.input_spec, request.dataset)

@@ -25,7 +25,7 @@ SCORE_BATCH = 256
 METRICS_FILE = "metrics.json"
 SCORES_FILE = "scores.csv"
 
-ScoreFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+ScoreFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]]
 
 
 class EvaluationError(ValueError):
@@ -178,15 +178,17 @@ def config_value(cfg: Any, key: str, default: Any = None) -> Any:
 
 
 def score_batches(run: ScoreFn, x: np.ndarray, batch_size: int = SCORE_BATCH):
-    """Score `x` in fixed-size batches; returns (scores [N], reconstructions)."""
+    """Score `x` in fixed-size batches; returns (scores [N], reconstructions, or None from
+    a model that does not reconstruct)."""
     if len(x) == 0:
         return np.zeros(0, np.float32), np.zeros((0, *x.shape[1:]), np.float32)
     scores, recons = [], []
     for i in range(0, len(x), batch_size):
         s, r = run(np.ascontiguousarray(x[i : i + batch_size], dtype=np.float32))
         scores.append(np.asarray(s, dtype=np.float32).reshape(-1))
-        recons.append(np.asarray(r, dtype=np.float32))
-    return np.concatenate(scores), np.concatenate(recons)
+        if r is not None:
+            recons.append(np.asarray(r, dtype=np.float32))
+    return np.concatenate(scores), (np.concatenate(recons) if recons else None)
 
 
 def cpu_session(onnx_path: Path, sample_shape: tuple[int, ...]) -> ScoreFn:
@@ -196,12 +198,12 @@ def cpu_session(onnx_path: Path, sample_shape: tuple[int, ...]) -> ScoreFn:
     from service.settings import Settings
 
     session, _ = create_session(onnx_path, Settings(providers="cpu"), sample_shape)
+    has_recon = RECONSTRUCTION_NAME in {o.name for o in session.get_outputs()}
+    names = [SCORE_NAME, RECONSTRUCTION_NAME] if has_recon else [SCORE_NAME]
 
-    def run(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        score, recon = session.run(
-            [SCORE_NAME, RECONSTRUCTION_NAME], {INPUT_NAME: np.ascontiguousarray(x, np.float32)}
-        )
-        return score.reshape(-1), recon
+    def run(x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        got = session.run(names, {INPUT_NAME: np.ascontiguousarray(x, np.float32)})
+        return got[0].reshape(-1), (got[1] if has_recon else None)
 
     return run
 
@@ -286,9 +288,8 @@ def open_run_dir(path: Path, device: str = "cpu") -> Target:
     spec = info.input_spec
     data = run_request(info)
 
-    def score(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        s, r = score_array(model, x, batch_size=SCORE_BATCH)
-        return np.asarray(s), np.asarray(r)
+    def score(x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        return score_array(model, x, batch_size=SCORE_BATCH)
 
     def visuals() -> dict[str, np.ndarray]:
         with torch.no_grad():
@@ -340,7 +341,7 @@ def check_compatible(
 def write_report(
     report_dir: Path,
     test: np.ndarray,
-    recons: np.ndarray,
+    recons: np.ndarray | None,
     scores: np.ndarray,
     labels: np.ndarray,
     result_metrics: dict[str, float | None],
@@ -355,11 +356,12 @@ def write_report(
         lines["top-20% rule"] = float(result_metrics["top20_threshold"])
     files.append(report.histogram_png(scores, labels, lines, report_dir / report.HISTOGRAM_FILE))
     idx = report.pick_examples(labels, per_class=8 if test.ndim == 4 else 16)
-    pairs = report_dir / report.RECONSTRUCTIONS_FILE
-    files.append(
-        report.reconstructions_png(test[idx], recons[idx], scores[idx], labels[idx], pairs)
-    )
-    if test.ndim == 4 and len(idx):
+    if recons is not None:  # a model that does not reconstruct has no pairs and no maps
+        pairs = report_dir / report.RECONSTRUCTIONS_FILE
+        files.append(
+            report.reconstructions_png(test[idx], recons[idx], scores[idx], labels[idx], pairs)
+        )
+    if recons is not None and test.ndim == 4 and len(idx):
         from training.anomaly_maps import report_maps
 
         maps, vmax = report_maps(test[idx], recons[idx], labels[idx], map_vmax)

@@ -2,9 +2,9 @@
 
 The manifest's metrics are measured on the test split with the exported ONNX graph on
 ONNX Runtime (the service's own session factory), not with PyTorch, so the numbers in the
-model repository describe exactly the graph that is served. Image models get the
-`anomaly_map` output (training/anomaly_maps.py) after the parity check, which compares
-the score and reconstruction that PyTorch also computes."""
+model repository describe exactly the graph that is served. Image models that reconstruct
+their input get the `anomaly_map` output (training/anomaly_maps.py) after the parity
+check, which compares the score and reconstruction that PyTorch also computes."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from gansentry.contract import REQUIRED_OUTPUTS
 from gansentry.manifest import ImageInput, Manifest, Provenance, Threshold
 from gansentry.preprocessing import UNKNOWN_POLICIES
 from training.evaluate import (
@@ -152,8 +153,10 @@ def export_run(
                 f"{name}: {e}. If the scores are right for your use, export with a larger "
                 "--parity-tolerance (a fraction of the spread of the scores)"
             ) from None
-        maps: dict[str, Any] = {}
-        if isinstance(spec, ImageInput):
+        # The graph's outputs: score, plus reconstruction and (images) anomaly maps if the
+        # model reconstructs its input; the map is built from the reconstruction.
+        maps: dict[str, Any] = {} if model.reconstructs else {"outputs": list(REQUIRED_OUTPUTS)}
+        if isinstance(spec, ImageInput) and model.reconstructs:
             from training.anomaly_maps import calibrate, manifest_fields, write_graph_with_map
 
             write_graph_with_map(onnx_path, onnx_path)

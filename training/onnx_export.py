@@ -92,8 +92,8 @@ def _spread(scores: np.ndarray) -> float:
 def compare(
     pt_score: np.ndarray,
     ort_score: np.ndarray,
-    pt_recon: np.ndarray,
-    ort_recon: np.ndarray,
+    pt_recon: np.ndarray | None,
+    ort_recon: np.ndarray | None,
     threshold: float | None = None,
     tolerance: float = PARITY_TOLERANCE,
 ) -> Parity:
@@ -110,7 +110,9 @@ def compare(
         # A score within the tolerated error of the threshold may land on either side.
         clear = np.abs(pt - threshold) > noise
         flipped = int(np.count_nonzero(((pt > threshold) != (ort > threshold)) & clear))
-    recon = np.abs(np.asarray(ort_recon, np.float64) - np.asarray(pt_recon, np.float64))
+    recon = np.zeros(0)
+    if pt_recon is not None and ort_recon is not None:
+        recon = np.abs(np.asarray(ort_recon, np.float64) - np.asarray(pt_recon, np.float64))
     return Parity(
         max_abs=max_abs,
         spread=spread,
@@ -129,11 +131,15 @@ def export_onnx(
     threshold: float | None = None,
     tolerance: float = PARITY_TOLERANCE,
 ) -> float:
-    """Export `scorer` (x -> (score [N], reconstruction)) in eval mode with a dynamic batch
-    axis and check ONNX Runtime against PyTorch on `batch` (see PARITY_TOLERANCE); return
-    the largest score difference relative to the largest |score| (for the manifest)."""
+    """Export `scorer` (x -> (score [N], reconstruction), or (score,) for a model that
+    does not reconstruct) in eval mode with a dynamic batch axis and check ONNX Runtime
+    against PyTorch on `batch` (see PARITY_TOLERANCE); return the largest score difference
+    relative to the largest |score| (for the manifest)."""
     scorer = scorer.eval().cpu()
     batch = batch.detach().float().cpu()
+    with torch.no_grad():
+        pt = [t.numpy() for t in scorer(batch)]
+    names = [SCORE_NAME, RECONSTRUCTION_NAME][: len(pt)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
@@ -141,7 +147,7 @@ def export_onnx(
             (batch,),
             dynamo=True,
             input_names=[INPUT_NAME],
-            output_names=[SCORE_NAME, RECONSTRUCTION_NAME],
+            output_names=names,
             dynamic_shapes={"x": {0: torch.export.Dim("N", min=1, max=65536)}},
             opset_version=EXPORT_OPSET,
             verbose=False,
@@ -150,12 +156,10 @@ def export_onnx(
     program.save(str(path), external_data=False)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     check_io(session.get_inputs(), session.get_outputs(), tuple(batch.shape[1:]))
-    ort_score, ort_recon = session.run(
-        [SCORE_NAME, RECONSTRUCTION_NAME], {INPUT_NAME: batch.numpy()}
-    )
-    with torch.no_grad():
-        pt_score, pt_recon = (t.numpy() for t in scorer(batch))
-    parity = compare(pt_score, ort_score, pt_recon, ort_recon, threshold, tolerance)
+    got = session.run(names, {INPUT_NAME: batch.numpy()})
+    pt_score, pt_recon = pt[0], (pt[1] if len(pt) > 1 else None)
+    ort_recon = got[1] if len(got) > 1 else None
+    parity = compare(pt_score, got[0], pt_recon, ort_recon, threshold, tolerance)
     problems = parity.problems(tolerance)
     if problems:
         raise ParityError(

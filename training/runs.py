@@ -185,8 +185,9 @@ def load_run(run_dir: Path, device: str = "cpu") -> tuple[AnomalyGAN, RunInfo]:
 
 def score_array(
     model: AnomalyGAN, x: np.ndarray, batch_size: int = 256
-) -> tuple[np.ndarray, np.ndarray]:
-    """Score float32 inputs in eval mode, batch by batch -> (scores [N], reconstructions)."""
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Score float32 inputs in eval mode, batch by batch -> (scores [N], reconstructions,
+    None for a model that does not reconstruct)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -197,9 +198,12 @@ def score_array(
                 xb = torch.as_tensor(np.ascontiguousarray(x[i : i + batch_size]), device=device)
                 s, r = model.score(xb.float())
                 scores.append(s.float().cpu().numpy())
-                recons.append(r.float().cpu().numpy())
+                if r is not None:
+                    recons.append(r.float().cpu().numpy())
     finally:
         model.train(was_training)
+    if not model.reconstructs:
+        return np.concatenate(scores) if scores else np.zeros(0, np.float32), None
     if not scores:
         return np.zeros(0, np.float32), np.zeros((0, *x.shape[1:]), np.float32)
     return np.concatenate(scores), np.concatenate(recons)

@@ -20,7 +20,8 @@ import torch
 from tqdm import tqdm
 
 from gansentry.manifest import atomic_write
-from training.models import AnomalyGAN, build_model, default_hparams
+from training.models import AnomalyGAN, build_model
+from training.models.registry import lookup, resolve
 from training.runs import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
@@ -232,17 +233,16 @@ def report_split(splits: Splits) -> None:
 
 
 def resolve_hparams(cfg: TrainConfig, spec: Any) -> dict[str, Any]:
-    h = default_hparams(cfg.model, spec)
-    unknown = sorted(set(cfg.hparams) - set(h))
-    if unknown:
-        raise RunError(f"unknown hyperparameter(s) {unknown} for {cfg.model}; valid: {sorted(h)}")
-    h.update(cfg.hparams)
+    """The model's defaults with the run's overrides (`--hparam`, then `--epochs`,
+    `--batch-size`, `--lr`), validated by the model's registered hyperparameter types."""
+    overrides = dict(cfg.hparams)
     for key in ("epochs", "batch_size", "lr"):
         if getattr(cfg, key) is not None:
-            h[key] = getattr(cfg, key)
-    if h["epochs"] < 1 or h["batch_size"] < 1 or h["lr"] <= 0:
-        raise RunError("epochs and batch_size must be >= 1 and lr > 0")
-    return h
+            overrides[key] = getattr(cfg, key)
+    try:
+        return resolve(cfg.model, spec, overrides)
+    except ValueError as e:
+        raise RunError(str(e)) from None
 
 
 def _val_stats(model: AnomalyGAN, val: torch.Tensor, batch_size: int = 256) -> dict[str, float]:
@@ -299,10 +299,10 @@ def train(
     in eval mode, so diagnostics (`benchmarks/epoch_trace.py`) can look at every epoch,
     not only the selected one. `on_split(splits)` sees the data once it is loaded (the CLI
     prints its row counts and split decisions with `report_split`)."""
-    from training.models import ARCHITECTURES
-
-    if cfg.model not in ARCHITECTURES:
-        raise RunError(f"unknown model {cfg.model!r}; choose one of {', '.join(ARCHITECTURES)}")
+    try:
+        lookup(cfg.model)
+    except ValueError as e:
+        raise RunError(str(e)) from None
     if not 0.0 < cfg.threshold_quantile < 1.0:
         raise RunError(f"threshold_quantile must be in (0, 1), got {cfg.threshold_quantile}")
     if cfg.time_budget is not None and not cfg.time_budget > 0:

@@ -230,8 +230,9 @@ def _metadata(loaded: LoadedModel, versions: list[int]) -> dict:
     outputs = [
         {"name": SCORE_NAME, "datatype": "FP32", "shape": [-1]},
         {"name": IS_ANOMALY, "datatype": "BOOL", "shape": [-1]},
-        {"name": RECONSTRUCTION_NAME, "datatype": "FP32", "shape": [-1, *shape]},
     ]
+    if loaded.has_reconstruction:
+        outputs.append({"name": RECONSTRUCTION_NAME, "datatype": "FP32", "shape": [-1, *shape]})
     if loaded.has_anomaly_map:
         outputs.append({"name": ANOMALY_MAP_NAME, "datatype": "FP32", "shape": [-1, *shape[1:]]})
     return {

@@ -4,7 +4,7 @@ service all go through one scoring function per model."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -20,9 +20,13 @@ class AnomalyGAN(nn.Module, ABC):
     optimisers in `_make_optimizers` and implement `training_step` and `score`.
 
     `score` takes inputs in the contract's range (images in [0, 1]) and does any further
-    normalisation itself, so the exported graph needs nothing around it."""
+    normalisation itself, so the exported graph needs nothing around it. A model whose
+    score does not come from reconstructing its input sets `reconstructs = False` and
+    returns None in its place; its graph then has no `reconstruction` output (nor anomaly
+    maps) and the service answers requests for them with a 422."""
 
-    arch: str = ""
+    arch: str = ""  # set by `training.models.registry.register`
+    reconstructs: ClassVar[bool] = True
 
     def __init__(self, spec: InputSpec, hparams: dict[str, Any]):
         super().__init__()
@@ -137,9 +141,10 @@ class AnomalyGAN(nn.Module, ABC):
     # -- scoring -------------------------------------------------------------------
 
     @abstractmethod
-    def score(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def score(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """x in the contract range -> (score [N] float32, higher = more anomalous;
-        reconstruction with x's shape and range). Call in eval mode."""
+        reconstruction with x's shape and range, None if the model does not reconstruct).
+        Call in eval mode."""
 
     @abstractmethod
     def code(self, x: Tensor) -> Tensor:
@@ -192,8 +197,10 @@ class _Scorer(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self.model.score(x)
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        """The graph's outputs in contract order: score, then reconstruction if any."""
+        score, recon = self.model.score(x)
+        return (score,) if recon is None else (score, recon)
 
 
 def bce(logits: Tensor, target: float) -> Tensor:

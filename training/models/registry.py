@@ -1,0 +1,151 @@
+"""Where detectors register themselves, so adding one is one file in `training/models/`.
+
+A model file declares its typed default hyperparameters per input kind (a `Hparams`
+subclass each) beside its class and registers both with `@register(name, image=...,
+tabular=...)`. `training.models` imports every module of the package, so everything that
+lists architectures (the training CLI, `build_model`, the generic model tests) sees it
+without being edited. Validation goes through the declared class: an unknown
+hyperparameter or a value of the wrong type is refused naming the key, so a typo cannot
+silently fall back to a default."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+import re
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from gansentry.manifest import ARCHITECTURE_PATTERN, ImageInput, TabularInput
+
+if TYPE_CHECKING:
+    from training.models.base import AnomalyGAN
+
+InputKind = Literal["image", "tabular"]  # the manifest's `input.kind`
+
+
+class Hparams(BaseModel):
+    """What the training loop itself reads; a model's defaults subclass it. Adam's betas
+    are the DCGAN settings every paper here uses."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+    lr: float = 2e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    batch_size: int
+    epochs: int
+    latent_dim: int
+
+    # Validators, not Field constraints: a subclass that redeclares a field to change its
+    # default would drop the constraint, and keeps the validator.
+    @field_validator("batch_size", "epochs", "latent_dim")
+    @classmethod
+    def _at_least_one(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("must be at least 1")
+        return value
+
+    @field_validator("lr")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        if not value > 0:
+            raise ValueError("must be positive")
+        return value
+
+
+class ImageHparams(Hparams):
+    """What every image model shares: the conv nets' base width and the optional per-image
+    contrast normalisation (`AnomalyGAN.to_model_space`). contrast_norm stays off by
+    default: it is the recipe for natural photos (CIFAR-10), while MNIST-like data and
+    brightness defects need the raw pixels' brightness."""
+
+    width: int = 32
+    contrast_norm: bool = False
+
+
+@dataclass(frozen=True)
+class Registered:
+    name: str
+    cls: type[AnomalyGAN]
+    hparams: dict[InputKind, type[Hparams]]
+
+
+_MODELS: dict[str, Registered] = {}
+
+M = TypeVar("M", bound="type[AnomalyGAN]")  # the decorated class, returned unchanged
+
+
+def register(
+    name: str, *, image: type[Hparams] | None = None, tabular: type[Hparams] | None = None
+) -> Callable[[M], M]:
+    """Class decorator: serve `cls` as architecture `name` (the manifest's `architecture`)
+    for the input kinds given defaults here; a kind without defaults is refused."""
+    if not re.fullmatch(ARCHITECTURE_PATTERN, name):
+        raise ValueError(f"architecture name {name!r} must match {ARCHITECTURE_PATTERN}")
+    given: dict[InputKind, type[Hparams] | None] = {"image": image, "tabular": tabular}
+    kinds = {k: v for k, v in given.items() if v is not None}
+    if not kinds:
+        raise ValueError(f"architecture {name!r} needs defaults for at least one input kind")
+
+    def decorate(cls: M) -> M:
+        if name in _MODELS and _MODELS[name].cls is not cls:
+            raise ValueError(f"architecture {name!r} is already registered by {_MODELS[name].cls}")
+        cls.arch = name
+        _MODELS[name] = Registered(name, cls, kinds)
+        return cls
+
+    return decorate
+
+
+def unregister(name: str) -> None:
+    """Forget a registration (tests register throwaway models for the length of a test)."""
+    _MODELS.pop(name, None)
+
+
+def architectures() -> tuple[str, ...]:
+    """Every registered architecture, in the order registered (module name order)."""
+    return tuple(_MODELS)
+
+
+def lookup(arch: str) -> Registered:
+    try:
+        return _MODELS[arch]
+    except KeyError:
+        raise ValueError(
+            f"unknown model {arch!r}; choose one of {', '.join(architectures())}"
+        ) from None
+
+
+def hparams_class(arch: str, spec: ImageInput | TabularInput) -> type[Hparams]:
+    entry = lookup(arch)
+    try:
+        return entry.hparams[spec.kind]
+    except KeyError:
+        raise ValueError(
+            f"{arch} does not take {spec.kind} input; it takes {', '.join(entry.hparams)}"
+        ) from None
+
+
+def resolve(
+    arch: str, spec: ImageInput | TabularInput, overrides: dict[str, Any]
+) -> dict[str, Any]:
+    """The defaults of `arch` for `spec`'s kind with `overrides` applied, validated: a fresh
+    dict each call (lists are copies), so callers may change it."""
+    cls = hparams_class(arch, spec)
+    try:
+        return cls(**overrides).model_dump()
+    except ValidationError as e:
+        first = e.errors()[0]
+        key = ".".join(str(p) for p in first["loc"])
+        if first["type"] == "extra_forbidden":
+            unknown = sorted(set(overrides) - set(cls.model_fields))
+            raise ValueError(
+                f"unknown hyperparameter(s) {unknown} for {arch} on {spec.kind} input; "
+                f"valid: {sorted(cls.model_fields)}"
+            ) from None
+        raise ValueError(
+            f"hyperparameter {key}={first.get('input')!r} for {arch} on {spec.kind} input: "
+            f"{first['msg']}"
+        ) from None
