@@ -29,11 +29,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tables import TABLES, table_splits  # noqa: E402
 
+from training.models import ARCHITECTURES  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "train.jsonl"
 RUNS = ROOT / "runs" / "bench"
 DATA_ROOT = Path(os.environ.get("GANSENTRY_DATA", ROOT.parent / "shared" / "datasets"))
-GANS = ("ganomaly", "egbad", "memgan")
+# Every registered architecture is benchmarked; a new model file joins the plans as it is.
+GANS = ARCHITECTURES
 BASELINES = ("iforest", "ocsvm", "ecod", "knn")
 OCSVM_MAX_TRAIN = 10_000  # kernel SVMs are O(n^2); KDD's train split has ~200k rows
 PLANS = {
