@@ -155,6 +155,11 @@ class Server:
         wait_ready(f"http://127.0.0.1:{self.port}{self.ready_path}", self.proc)
         return self
 
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
     def __exit__(self, *exc: object) -> None:
         assert self.proc is not None
         try:
@@ -262,7 +267,11 @@ def wrk(
     connections: int,
     delay_ms: float = 0,
     random_delay: bool = False,
+    server_pid: int | None = None,
 ) -> dict[str, Any]:
+    """wrk's rates and latencies, and with `server_pid` the CPU time that the server
+    process spent per request: on a shared machine the rate moves with other work, the
+    CPU time per request much less."""
     if isinstance(body, dict):
         body = Body(f"json-{len(body['inputs'])}", json.dumps(body).encode())
     body_path = work / f"body-{body.name}.bin"
@@ -283,10 +292,23 @@ def wrk(
     base = ["wrk", "-t1", f"-c{connections}", "--latency", "-s", str(script), url]
     subprocess.run([*base[:2], "-d3s", *base[2:]], capture_output=True, check=True)  # warm-up
     load = os.getloadavg()[0]
+    cpu = cpu_seconds(server_pid)
     out = subprocess.run(
         [*base[:2], f"-d{seconds}s", *base[2:]], capture_output=True, text=True, check=True
     ).stdout
-    return {**parse_wrk(out), "load_avg_1m_before": round(load, 2)}
+    result = {**parse_wrk(out), "load_avg_1m_before": round(load, 2)}
+    if server_pid is not None and result["requests"]:
+        used = cpu_seconds(server_pid) - cpu
+        result["server_cpu_ms_per_request"] = round(used * 1000 / result["requests"], 3)
+    return result
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """User and system CPU time of a process, all its threads (Linux /proc)."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def parse_wrk(text: str) -> dict[str, Any]:
@@ -374,9 +396,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             models_dir, work, max_batch_size=32, max_batch_delay_ms=delay, **common
         ) as s:
             url = f"http://127.0.0.1:{s.port}/score"
-            record("gansentry_batched_single", wrk(url, one, work, secs, conns))
+            pid = s.pid
+            record("gansentry_batched_single", wrk(url, one, work, secs, conns, server_pid=pid))
             v2_url = f"http://127.0.0.1:{s.port}/v2/models/{name}/infer"
-            record("gansentry_v2_binary_single", wrk(v2_url, v2_body, work, secs, conns))
+            record(
+                "gansentry_v2_binary_single",
+                wrk(v2_url, v2_body, work, secs, conns, server_pid=pid),
+            )
             if not args.quick:
                 target = runs["gansentry_batched_single"]["requests_per_s"] / 2
                 record("gansentry_half_load_single", half_load(url, one, work, args, target, True))
@@ -389,7 +415,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             models_dir, work, max_batch_size=1, max_batch_delay_ms=0, **common
         ) as s:
             url = f"http://127.0.0.1:{s.port}/score"
-            record("gansentry_unbatched_single", wrk(url, one, work, secs, conns))
+            record("gansentry_unbatched_single", wrk(url, one, work, secs, conns, server_pid=s.pid))
         with gansentry_server(
             models_dir, work, max_batch_size=64, max_batch_delay_ms=delay, **common
         ) as s:
@@ -491,7 +517,10 @@ def markdown(result: dict[str, Any]) -> str:
         f"ONNX Runtime on `{raw['provider']}`, {result['machine']['cpus']} CPUs (1-minute load "
         f"average before each run in the table). Load: `wrk -t1 -c{s['connections']} "
         f"-d{s['seconds']}s` after a 3 s warm-up, one {result['request_image']} PNG per request "
-        f"(base64 JSON) unless stated; `max_batch_delay_ms` {s['max_batch_delay_ms']:g}.",
+        f"(base64 JSON) unless stated; `max_batch_delay_ms` {s['max_batch_delay_ms']:g}. "
+        "Server CPU ms/req: the gansentry process's CPU time (all threads, ONNX Runtime's "
+        "included) over the requests answered, which other work on the machine moves less "
+        "than the rates.",
         "",
         "| raw ONNX Runtime, in process | images/s | median ms per batch |",
         "|---|---:|---:|",
@@ -501,8 +530,9 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| batch {b} | {r['images_per_s']:.0f} | {r['median_batch_ms']:.2f} |")
     lines += [
         "",
-        "| server run | req/s | images/s | p50 ms | p90 ms | p99 ms | non-2xx | load avg |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| server run | req/s | images/s | p50 ms | p90 ms | p99 ms | non-2xx | load avg "
+        "| server CPU ms/req |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     labels = {
         "gansentry_batched_single": "gansentry, batching (max 32)",
@@ -520,7 +550,8 @@ def markdown(result: dict[str, Any]) -> str:
         images = r.get("images_per_s", r["requests_per_s"])
         lines.append(
             f"| {label} | {r['requests_per_s']:.0f} | {images:.0f} | {r['p50_ms']} | "
-            f"{r.get('p90_ms')} | {r['p99_ms']} | {r['non_2xx']} | {r['load_avg_1m_before']} |"
+            f"{r.get('p90_ms')} | {r['p99_ms']} | {r['non_2xx']} | {r['load_avg_1m_before']} | "
+            f"{r.get('server_cpu_ms_per_request', '')} |"
         )
     lines += ["", "| target (issues 3, 17) | measured | rule | met |", "|---|---:|---|---|"]
     for t in result["targets"]:
