@@ -1,20 +1,26 @@
-"""The scoring routes' direct dispatch (service/api/fast.py) answers exactly as FastAPI's
-router does, and skips nothing a handler relies on."""
+"""The scoring path's shortcuts change no answer: the routes' direct dispatch
+(service/api/fast.py) answers exactly as FastAPI's router does and skips nothing a handler
+relies on, and the v2 tensor's whole-batch checks accept and refuse what the row checks do."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 
+from gansentry.manifest import Manifest
+from gansentry.preprocessing import InputError
 from service.api import score, v2
 from service.api.fast import ENDPOINTS
+from service.inputs import RANGE_TOLERANCE, InputsInvalid, _checked_numbers, parse_tensor
 from tests.fixtures_models import IMAGE_MODEL, IMAGE_SPEC, ModelRepo, b64, png_bytes, serving
 from tests.fixtures_models import random_pixels as pixels
 
 ROOT = "/mounted"
+SHIPPED = Path(__file__).resolve().parents[1] / "models"
 
 
 def test_scoring_handlers_take_only_the_request_and_path_strings() -> None:
@@ -104,3 +110,48 @@ async def test_other_methods_on_scoring_paths_still_reach_the_router(
         assert r.status_code == 405
         r = await s.client.request(method, f"/v2/models/{IMAGE_MODEL}/infer")
         assert r.status_code == 405
+
+
+def _row_by_row(batch: np.ndarray, manifest: Manifest) -> tuple[np.ndarray | None, list[str]]:
+    """What the v2 `x` tensor's checks are defined as: `_checked_numbers` on each row."""
+    rows, errors = [], []
+    for i, row in enumerate(batch):
+        try:
+            rows.append(_checked_numbers(row, manifest.input))
+        except InputError as e:
+            errors.append(f"inputs[{i}]: {e}")
+    return (None, errors) if errors else (np.stack(rows), [])
+
+
+def test_whole_batch_tensor_checks_equal_the_row_checks() -> None:
+    """`parse_tensor` checks a float32 batch at once and falls back to the row checks only
+    when something is wrong: same accepted values, same refusals, same messages."""
+    manifest = Manifest.load(SHIPPED / "mnist-ganomaly" / "1")
+    rng = np.random.default_rng(6)
+    good = rng.random((4, *manifest.input.shape), dtype=np.float32)
+    edge = good.copy()
+    edge[0, 0, 0, :2] = (-RANGE_TOLERANCE / 2, 1 + RANGE_TOLERANCE / 2)
+    cases = {"good": good, "within tolerance": edge}
+    for what, where, value in [
+        ("nan", 1, np.nan),
+        ("inf", 2, np.inf),
+        ("-inf", 0, -np.inf),
+        ("over range", 3, 1.5),
+        ("under range", 1, -0.01),
+    ]:
+        bad = good.copy()
+        bad[where, 0, 5, 7] = value
+        cases[what] = bad
+    two = good.copy()
+    two[0, 0, 0, 0], two[2, 0, 1, 1] = np.nan, 7.0
+    cases["two bad rows"] = two
+    cases["float64"] = good.astype(np.float64)
+    for what, batch in cases.items():
+        want, want_errors = _row_by_row(batch, manifest)
+        try:
+            got = parse_tensor(batch, manifest).x
+        except InputsInvalid as e:
+            assert want is None and e.errors == want_errors, what
+        else:
+            assert want is not None, what
+            assert got.dtype == np.float32 and np.array_equal(got, want), what
