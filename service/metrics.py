@@ -14,8 +14,8 @@ import prometheus_client
 class _KeptChildren:
     """`labels(...)` answered from a dict once a label set has been seen. prometheus-client
     converts and checks the values and takes a lock on every call, and a scoring request
-    makes several such calls with the same few label sets; `remove` and `clear` drop
-    what they drop from the dict as well."""
+    makes several such calls with the same few label sets. `remove` and `clear` (rare:
+    reloads) empty the dict, so it never holds a child the metric no longer exports."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -30,7 +30,7 @@ class _KeptChildren:
         return child
 
     def remove(self, *values: str) -> None:
-        self._kept.pop(values, None)
+        self._kept.clear()
         super().remove(*values)  # type: ignore[misc]
 
     def clear(self) -> None:

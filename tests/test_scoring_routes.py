@@ -1,6 +1,7 @@
 """The scoring path's shortcuts change no answer: the routes' direct dispatch
 (service/api/fast.py) answers exactly as FastAPI's router does and skips nothing a handler
-relies on, and the v2 tensor's whole-batch checks accept and refuse what the row checks do."""
+relies on; the v2 tensor's whole-batch checks accept and refuse what the row checks do;
+and the metric children kept per label set are always the ones exported."""
 
 from __future__ import annotations
 
@@ -155,3 +156,28 @@ def test_whole_batch_tensor_checks_equal_the_row_checks() -> None:
         else:
             assert want is not None, what
             assert got.dtype == np.float32 and np.array_equal(got, want), what
+
+
+def test_kept_metric_children_are_the_exported_ones() -> None:
+    """`labels()` answers from a dict; after `remove` or `clear` a label set gets a child
+    that the registry exports again, never one it dropped."""
+    from prometheus_client import CollectorRegistry
+
+    from service import metrics
+
+    registry = CollectorRegistry()
+    counter = metrics.Counter("kept_total", "test", ["model", "status"], registry=registry)
+
+    def value() -> float | None:
+        return registry.get_sample_value("kept_total", {"model": "m", "status": "200"})
+
+    child = counter.labels("m", "200")
+    assert counter.labels("m", "200") is child
+    assert counter.labels(model="m", status="200") is child
+    child.inc(2)
+    assert value() == 2
+    for drop in (lambda: counter.remove("m", "200"), counter.clear):
+        drop()
+        assert value() is None
+        counter.labels("m", "200").inc()
+        assert value() == 1
