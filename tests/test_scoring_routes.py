@@ -5,12 +5,12 @@ and the metric children kept per label set are always the ones exported."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+import tritonclient.http as triton
 
 from gansentry.manifest import Manifest
 from gansentry.preprocessing import InputError
@@ -41,26 +41,18 @@ def test_scoring_handlers_take_only_the_request_and_path_strings() -> None:
 
 
 def _v2_binary(x: np.ndarray) -> tuple[bytes, dict[str, str]]:
-    data = x.astype("<f4").tobytes()
-    head = json.dumps(
-        {
-            "inputs": [
-                {
-                    "name": "x",
-                    "shape": list(x.shape),
-                    "datatype": "FP32",
-                    "parameters": {"binary_data_size": len(data)},
-                }
-            ],
-            "outputs": [
-                {"name": "score", "parameters": {"binary_data": True}},
-                {"name": "is_anomaly"},
-            ],
-        }
-    ).encode()
-    return head + data, {
+    """A binary-tensor request as tritonclient writes it: `score` back binary, `is_anomaly`
+    as JSON."""
+    tensor = triton.InferInput("x", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x, binary_data=True)
+    outputs = [
+        triton.InferRequestedOutput("score", binary_data=True),
+        triton.InferRequestedOutput("is_anomaly", binary_data=False),
+    ]
+    body, head = triton.InferenceServerClient.generate_request_body([tensor], outputs=outputs)
+    return body, {
         "Content-Type": "application/octet-stream",
-        "Inference-Header-Content-Length": str(len(head)),
+        "Inference-Header-Content-Length": str(head),
     }
 
 
