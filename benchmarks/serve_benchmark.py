@@ -5,10 +5,17 @@ Not a test and not run in CI: it takes a few minutes and needs `wrk` on the PATH
 
     python benchmarks/serve_benchmark.py                         # paper-sized GANomaly 3x32x32
     python benchmarks/serve_benchmark.py --model mnist-ganomaly  # a shipped model
+    python benchmarks/serve_benchmark.py --model mnist-ganomaly --quick  # A/B: ratios only
+
+Single-input requests go as JSON (`POST /score`, one PNG) and as KServe v2 binary tensors
+(`POST /v2/models/NAME/infer`, input `x` as raw FP32 after the JSON header), each against
+raw ONNX Runtime at batch 32 in the same run.
 
 Writes benchmarks/results/serve-MODEL.json; `benchmarks/write_docs.py` renders them all. The
 targets are the ones in the service's issue (Performance section), which it states for "a
-GANomaly-sized 32x32 model"; each row says whether it was met."""
+GANomaly-sized 32x32 model", and issue 17's for single-input requests on the shipped
+`mnist-ganomaly` (JSON >= 0.5x and v2 binary >= 0.6x raw ORT at batch 32, >= 1.3x LitServe);
+each row says whether it was met."""
 
 from __future__ import annotations
 
