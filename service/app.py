@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 from gansentry import __version__
 from service.api import admin, health, models, score, state, v2
 from service.api.errors import error_response
+from service.api.fast import ScoringRoutes
 from service.batching import create_batcher
 from service.batching.base import BatchingError
 from service.gc_tuning import settle_after_startup
@@ -97,6 +98,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False},
     )
     app.state.settings = settings
+    # Added first, so it runs inside the body limit (the last middleware added is outermost).
+    app.add_middleware(ScoringRoutes, routers=[score.router, v2.router])
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.include_router(score.router, tags=["scoring"])
     app.include_router(models.router, tags=["models"])

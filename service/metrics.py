@@ -6,7 +6,49 @@ Scores differ in scale between models, so the drift histogram records score / th
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from typing import Any
+
+import prometheus_client
+
+
+class _KeptChildren:
+    """`labels(...)` answered from a dict once a label set has been seen. prometheus-client
+    converts and checks the values and takes a lock on every call, and a scoring request
+    makes several such calls with the same few label sets. `remove` and `clear` (rare:
+    reloads) empty the dict, so it never holds a child the metric no longer exports."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._kept: dict[tuple[str, ...], Any] = {}
+
+    def labels(self, *values: str, **by_name: str) -> Any:
+        if by_name:
+            return super().labels(*values, **by_name)  # type: ignore[misc]
+        child = self._kept.get(values)
+        if child is None:
+            child = self._kept[values] = super().labels(*values)  # type: ignore[misc]
+        return child
+
+    def remove(self, *values: str) -> None:
+        self._kept.clear()
+        super().remove(*values)  # type: ignore[misc]
+
+    def clear(self) -> None:
+        self._kept.clear()
+        super().clear()  # type: ignore[misc]
+
+
+class Counter(_KeptChildren, prometheus_client.Counter):
+    pass
+
+
+class Gauge(_KeptChildren, prometheus_client.Gauge):
+    pass
+
+
+class Histogram(_KeptChildren, prometheus_client.Histogram):
+    pass
+
 
 LATENCY_BUCKETS = (
     0.0005,
