@@ -101,6 +101,15 @@ class _TabularD(nn.Module):
         return self.head(f), f
 
 
+def _xavier(module: nn.Module) -> None:
+    """Glorot initialisation for the dense nets (OCAN's): with DCGAN's N(0, 0.02) their
+    hidden features start near zero and D needs hundreds of steps to tell anything apart."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 def pull_away(f: Tensor) -> Tensor:
     """Mean squared cosine similarity between distinct rows of f (Zhao et al. 2017):
     low when the samples point in different directions."""
@@ -137,7 +146,10 @@ class MMOCGAN(AnomalyGAN):
             self.disc = _TabularD(f, h["d_hidden"], h["d_dropout"])
             self.gen = mlp([g_in, h["g_hidden"], f])
         self.q = nn.Linear(self.disc.feature_dim, m)
-        init_weights(self)
+        if self.is_image:
+            init_weights(self)
+        else:
+            _xavier(self)
         if h["conditioning"] == "mix":
             # DeLiGAN's initialisation: means spread over [-1, 1], small deviations.
             self.mode_mu = nn.Parameter(torch.rand(m, nz) * 2.0 - 1.0)
