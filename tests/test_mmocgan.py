@@ -159,6 +159,21 @@ def test_mixture_conditioning_trains_its_per_mode_gaussians() -> None:
     assert build_model("mmocgan", data.input_spec, **HPARAMS).gen[0].in_features == 8 + MODES
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("modes", 0, "must be at least 1"),
+        ("density_reference", 1, "must be at least 2"),
+        ("density_quantile", 1.0, r"must be in \(0, 1\)"),
+        ("w_pt", -1.0, "must be non-negative"),
+        ("conditioning", "gauss", "'cat' or 'mix'"),
+    ],
+)
+def test_bad_hyperparameters_are_refused_naming_the_key(key: str, value: object, message: str):
+    with pytest.raises(ValueError, match=f"hyperparameter {key}=.*{message}"):
+        build_model("mmocgan", splits().input_spec, **{key: value})
+
+
 def test_image_visuals_are_complementary_samples_per_mode() -> None:
     spec = ImageInput(channels=1, height=16, width=16)
     model = build_model("mmocgan", spec, width=8, latent_dim=8, modes=4)

@@ -10,13 +10,14 @@ graph outputs only `score`.
 Multi-modality is InfoGAN's: G takes a categorical code c in 1..m (`modes`) for one mode
 of the normal data, by concatenating its one-hot vector to the noise (`cat`, the paper's
 phi_cat) or as a learned per-mode Gaussian mu_c + sigma_c * z (`mix`, phi_mix, with
-DeLiGAN's variance regulariser sum (1 - sigma)^2 so the sigmas do not collapse to zero);
-an auxiliary head Q(c | x) on D's hidden layer recovers c from G's samples (the mutual-
-information loss), which makes each code keep to its own mode.
+DeLiGAN's variance regulariser, the mean of (1 - sigma)^2, so the sigmas do not collapse
+to zero); an auxiliary head Q(c | x) on D's hidden layer recovers c from G's samples (the
+mutual-information loss), which makes each code keep to its own mode.
 
 The losses are OCAN's. G: feature matching (the mean of D's hidden layer on real vs
 complementary samples, Salimans et al. 2016), keeping the samples near the data; the
-pull-away term on those features (Zhao et al. 2017), keeping them diverse; and the part
+pull-away term on those features (Zhao et al. 2017; OCAN takes them from its target
+network, which this version does not have), keeping the samples diverse; and the part
 of the KL divergence to the complement of the normal density that penalises samples in
 its high-density region, E[log p(G(z)) 1{p(G(z)) > eps}], plus the MI loss. D: cross-
 entropy of real normals vs complementary samples, plus OCAN's entropy term on real
@@ -39,6 +40,7 @@ import math
 from typing import Any, Literal
 
 import torch
+from pydantic import field_validator
 from torch import Tensor, nn
 
 from training.models.base import AnomalyGAN, InputSpec, bce, flat
@@ -62,11 +64,40 @@ class _Complementary(Hparams):
     density_reference: int = 1000
     density_quantile: float = 0.05
 
+    @field_validator("modes")
+    @classmethod
+    def _a_mode(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("must be at least 1")
+        return value
+
+    @field_validator("density_reference")
+    @classmethod
+    def _two_references(cls, value: int) -> int:
+        # The threshold eps is a leave-one-out density: each row needs another beside it.
+        if value < 2:
+            raise ValueError("must be at least 2")
+        return value
+
+    @field_validator("density_quantile")
+    @classmethod
+    def _a_quantile(cls, value: float) -> float:
+        if not 0.0 < value < 1.0:
+            raise ValueError("must be in (0, 1)")
+        return value
+
+    @field_validator("w_fm", "w_pt", "w_density", "w_mi", "w_ent", "w_var")
+    @classmethod
+    def _a_weight(cls, value: float) -> float:
+        if not value >= 0.0:
+            raise ValueError("must be non-negative")
+        return value
+
 
 class MMOCGANTabular(_Complementary):
     """The paper's networks: D feed-forward 128-128, G one hidden layer of 128, batch 100;
-    OCAN's 50-dimensional noise. A table of 10k rows trains in about a minute on two CPU
-    cores."""
+    OCAN's 50-dimensional noise (`latent_dim`). A table of 10k rows trains in under a
+    minute on one CPU core."""
 
     lr: float = 1e-3
     batch_size: int = 100
@@ -274,13 +305,15 @@ class MMOCGAN(AnomalyGAN):
         return self.q(self.code(x)).argmax(dim=1)
 
     def visuals(self) -> dict[str, Tensor]:
-        """Eight complementary samples per mode code, mode by mode (images only)."""
+        """Eight complementary samples per mode code, sample i drawn for code i mod modes,
+        so in the report's ten-column grid each column is one of the default ten modes
+        (images only)."""
         if not self.is_image:
             return {}
         was_training = self.training
         self.eval()
         codes = torch.arange(self.hparams["modes"], device=self.density_ref.device)
         with torch.no_grad():
-            x = self.generate(codes.repeat_interleave(8), torch.Generator().manual_seed(0))
+            x = self.generate(codes.repeat(8), torch.Generator().manual_seed(0))
         self.train(was_training)
         return {"complementary_samples": self.from_model_space(x).clamp(0.0, 1.0)}
