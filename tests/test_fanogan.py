@@ -182,7 +182,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path
     with the CLI as a user does it."""
     root = tmp_path_factory.mktemp("fanogan-cli")
     data, run, models = root / "data", root / "run", root / "models"
-    make_mnist(data, n_train=300, n_test=60)
+    make_mnist(data, n_train=600, n_test=60)
     hparams = [f"{k}={json.dumps(v)}" for k, v in TINY_IMAGE.items()]
     argv = ["train", "--model", "fanogan", "--dataset", "mnist", "--normal-class", "3"]
     argv += ["--data-root", data, "--out", run, "--no-progress", "--batch-size", "32"]
@@ -203,9 +203,9 @@ def test_cli_trains_evaluates_and_exports(exported, capsys):
 
 def test_served_in_process_and_through_redis_with_pytorch_scores(exported, tmp_path):
     _, run, models = exported
-    model, _ = load_run(run)
-    x = np.random.default_rng(5).random((3, 1, 32, 32), dtype=np.float32)
-    expected, _ = score_array(model, x)
+    model, info = load_run(run)
+    x = np.random.default_rng(5).random((3, *info.input_spec.shape), dtype=np.float32)
+    expected, recons = score_array(model, x)
     body = {
         "model": NAME,
         "inputs": [{"array": a.tolist()} for a in x],
@@ -217,7 +217,8 @@ def test_served_in_process_and_through_redis_with_pytorch_scores(exported, tmp_p
         assert r.status_code == 200, r.text
         results = r.json()["results"]
         np.testing.assert_allclose([a["score"] for a in results], expected, rtol=1e-4)
-        assert all(isinstance(a["reconstruction"], str) for a in results)  # PNGs
+        got = np.array([a["reconstruction"] for a in results], dtype=np.float32)
+        np.testing.assert_allclose(got, recons, atol=1e-4)
 
     api = ApiProcess(models, tmp_path).wait_up()
     try:
