@@ -36,9 +36,10 @@ PHASES = (Phase("gan", "gan_epochs"), Phase("encoder", "encoder_epochs"))
 
 
 class _FAnoGAN(PhasedHparams):
-    """WGAN-GP's settings as the paper uses them: Adam lr 1e-4 with betas (0.0, 0.9), five
-    critic updates per generator update, gradient penalty weight 10. The encoder phase uses
-    the same Adam settings; kappa weighs the critic-feature residual as the paper does."""
+    """WGAN-GP's published settings, which f-AnoGAN trains with: Adam lr 1e-4 with betas
+    (0.0, 0.9), not the (0.5, 0.9) many re-implementations use; five critic updates per
+    generator update; gradient penalty weight 10. The encoder phase uses the same Adam
+    settings; kappa = 1 weighs the critic-feature residual as the paper does."""
 
     phases = PHASES
 

@@ -124,8 +124,8 @@ class PhasedHparams(Hparams):
 
 
 def split_epochs(total: int, weights: list[int]) -> list[int]:
-    """`total` epochs shared in proportion to `weights`, at least one each (largest
-    remainder), summing to `total` (at least one per weight)."""
+    """`total` epochs (at least one per weight) shared in proportion to `weights` by largest
+    remainder, each share at least one."""
     shares = [total * w / sum(weights) for w in weights]
     counts = [max(1, int(s)) for s in shares]
     while sum(counts) < total:
