@@ -80,7 +80,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="a registered architecture, e.g. ganomaly (an unknown name lists them all)",
     )
     _data_args(t, defaults_from_run=False)
-    t.add_argument("--epochs", type=int, help="default: the model's paper schedule")
+    t.add_argument(
+        "--epochs",
+        type=int,
+        help="default: the model's paper schedule (a model that trains in phases, such as "
+        "fanogan, shares this total between them in proportion)",
+    )
     t.add_argument(
         "--seed",
         type=int,

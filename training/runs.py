@@ -2,6 +2,7 @@
 
     RUN/config.json            the TrainConfig (resume refuses a different one)
     RUN/history.jsonl          one line per finished epoch: mean losses, validation scores
+                               (and the epoch's phase, for a model that trains in phases)
     RUN/checkpoints/last.pt    everything for an exact resume (weights, optimisers, EMA,
                                RNG states, history, selection state)
     RUN/checkpoints/selected.pt  the weights chosen without test labels

@@ -275,13 +275,17 @@ def _run_epoch(
     steps = n // bs
     perm = torch.randperm(n, generator=gen).to(train.device)
     sums: dict[str, float] = {}
+    # Per loss: a loss reported on some steps only (a generator updated every n-th step)
+    # is averaged over the steps that report it.
+    counts: dict[str, int] = {}
     bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
     for step in bar:
         losses = model.training_step(train[perm[step * bs : (step + 1) * bs]])
         for k, v in losses.items():
             sums[k] = sums.get(k, 0.0) + v
+            counts[k] = counts.get(k, 0) + 1
         bar.set_postfix({k: f"{v:.4g}" for k, v in losses.items()}, refresh=False)
-    return {f"loss_{k}": v / steps for k, v in sums.items()}
+    return {f"loss_{k}": v / counts[k] for k, v in sums.items()}
 
 
 EpochHook = Callable[[dict[str, Any], AnomalyGAN], None]
@@ -371,20 +375,27 @@ def _train(
     budget = None if cfg.time_budget is None else cfg.time_budget * 60.0
     if budget is not None and cfg.epochs is None:
         epochs = sys.maxsize  # the budget alone decides; the default schedule does not cap it
+    plan = model.phase_plan()
     epoch = len(history)
-    while epoch < epochs and not _over_budget(budget, history):
+    while (phase := _next_phase(plan, history, epochs, budget)) is not None:
+        if phase and model.phase != phase:
+            model.start_phase(phase)
         epoch += 1
         t0 = time.perf_counter()
         of = f"/{epochs}" if epochs != sys.maxsize else f" (budget {cfg.time_budget:g} min)"
+        of += f" [{phase}]" if phase else ""
         losses = _run_epoch(
             model, train_x, h["batch_size"], gen, f"{cfg.model} epoch {epoch}{of}", progress
         )
-        row = {"epoch": epoch, **losses, **_val_stats(model, val_x)}
+        tag = {"phase": phase} if phase else {}
+        row = {"epoch": epoch, **tag, **losses, **_val_stats(model, val_x)}
         seconds += time.perf_counter() - t0
         row["seconds"] = round(seconds, 3)
         history.append(row)
         peak = max(peak, _peak_memory_mb())
-        if row["val_selection_metric"] <= best["metric"]:
+        # Only the last phase trains everything the score uses (f-AnoGAN's encoder).
+        selectable = not plan or phase == plan[-1][0]
+        if selectable and row["val_selection_metric"] <= best["metric"]:
             best = {"epoch": epoch, "metric": row["val_selection_metric"]}
             save_checkpoint(
                 ckpt_dir / SELECTED_CHECKPOINT, {"epoch": epoch, "model": model.state_dict()}
@@ -417,6 +428,37 @@ def _train(
             _set_rng_state(rng)
 
     return _finish(out, cfg, config, splits, model, h, history, best, seconds, peak, device)
+
+
+def _next_phase(
+    plan: list[tuple[str, int]],
+    history: list[dict[str, Any]],
+    epochs: int,
+    budget: float | None,
+) -> str | None:
+    """The phase of the next epoch ("" for a model without phases), or None when training
+    is done. The epoch counter runs on across phases; each history row names its phase, so
+    a resumed run continues inside the phase it stopped in. Each phase trains its own epoch
+    count, then hands over to the next; a phase once left is not re-entered. A time budget
+    is shared by the phases in proportion to their epoch counts: phase k ends once another
+    epoch would end past the first k shares (without --epochs the budget alone ends it).
+    Every phase trains at least one epoch, so the last, which the checkpoint is selected
+    from, always runs."""
+    if not plan:
+        return "" if len(history) < epochs and not _over_budget(budget, history) else None
+    names = [name for name, _ in plan]
+    total = sum(count for _, count in plan)
+    current = names.index(history[-1]["phase"]) if history else 0
+    for k in range(current, len(plan)):
+        name, count = plan[k]
+        trained = sum(1 for row in history if row.get("phase") == name)
+        if trained == 0:
+            return name
+        share = None if budget is None else budget * sum(n for _, n in plan[: k + 1]) / total
+        capped = epochs != sys.maxsize
+        if (trained < count or not capped) and not _over_budget(share, history):
+            return name
+    return None
 
 
 def _over_budget(budget: float | None, history: list[dict[str, Any]]) -> bool:

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from gansentry.manifest import ImageInput, TabularInput
 from training.models.blocks import NearestCode
+from training.models.registry import Phase
 
 InputSpec = ImageInput | TabularInput
 
@@ -27,12 +28,17 @@ class AnomalyGAN(nn.Module, ABC):
 
     arch: str = ""  # set by `training.models.registry.register`
     reconstructs: ClassVar[bool] = True
+    # Stages trained one after the other, each for its own hyperparameter's epoch count
+    # (the hparams class is then a `PhasedHparams` with the same phases). Empty: one stage
+    # of `epochs` epochs.
+    phases: ClassVar[tuple[Phase, ...]] = ()
 
     def __init__(self, spec: InputSpec, hparams: dict[str, Any]):
         super().__init__()
         self.spec = spec
         self.hparams = dict(hparams)
         self._optimizers: dict[str, torch.optim.Optimizer] | None = None
+        self.phase: str | None = None  # set by `start_phase`
         self._init_contrast_norm()
         if self.knn_scored:
             self.nearest = NearestCode(hparams["latent_dim"])
@@ -68,6 +74,18 @@ class AnomalyGAN(nn.Module, ABC):
         self.load_state_dict(state["model"])
         for k, o in self.optimizers.items():
             o.load_state_dict(state["optimizers"][k])
+
+    def phase_plan(self) -> list[tuple[str, int]]:
+        """(phase name, epochs) in training order; empty for a model without phases."""
+        return [(p.name, int(self.hparams[p.epochs])) for p in self.phases]
+
+    def start_phase(self, name: str) -> None:
+        """Called by the training loop before a phase's first epoch, and again when a run
+        resumes inside it. It may only switch what trains (no random draws, no new
+        weights), so a resumed run stays identical to an uninterrupted one."""
+        if name not in (p.name for p in self.phases):
+            raise ValueError(f"{self.arch} has no phase {name!r}")
+        self.phase = name
 
     @abstractmethod
     def training_step(self, x: Tensor) -> dict[str, float]:

@@ -52,16 +52,28 @@ def init_weights(module: nn.Module) -> None:
 
 
 class ConvEncoder(nn.Module):
-    """x [N, C, S, S] -> ([N, out_dim], last hidden features flattened)."""
+    """x [N, C, S, S] -> ([N, out_dim], last hidden features flattened). Without
+    `batch_norm` (a WGAN-GP critic, whose gradient penalty needs each sample's output to
+    depend on that sample only) the convolutions carry biases instead."""
 
-    def __init__(self, channels: int, side: int, out_dim: int, width: int, dropout: float = 0.0):
+    def __init__(
+        self,
+        channels: int,
+        side: int,
+        out_dim: int,
+        width: int,
+        dropout: float = 0.0,
+        batch_norm: bool = True,
+    ):
         super().__init__()
         n, final = _pyramid(side)
-        layers: list[nn.Module] = [nn.Conv2d(channels, width, 4, 2, 1, bias=False)]
+        layers: list[nn.Module] = [nn.Conv2d(channels, width, 4, 2, 1, bias=not batch_norm)]
         layers += [nn.LeakyReLU(0.2, inplace=True)]
         w = width
         for _ in range(n - 1):
-            layers += [nn.Conv2d(w, w * 2, 4, 2, 1, bias=False), nn.BatchNorm2d(w * 2)]
+            layers.append(nn.Conv2d(w, w * 2, 4, 2, 1, bias=not batch_norm))
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(w * 2))
             layers += [nn.LeakyReLU(0.2, inplace=True)]
             if dropout:
                 layers.append(nn.Dropout(dropout))

@@ -13,9 +13,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 import re
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from gansentry.manifest import ARCHITECTURE_PATTERN, ImageInput, TabularInput
 
@@ -63,6 +69,74 @@ class ImageHparams(Hparams):
 
     width: int = 32
     contrast_norm: bool = False
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One stage of a model that trains in stages (f-AnoGAN: the GAN, then the encoder):
+    its name, which the model's `training_step` dispatches on, and the hyperparameter that
+    holds its epoch count."""
+
+    name: str
+    epochs: str
+
+
+class PhasedHparams(Hparams):
+    """Defaults of a model that trains in `phases`, one after the other. `epochs` is their
+    total: left out, it is the sum of the phases' counts; given (`--epochs`), the phases
+    are scaled to it in proportion to their counts, each keeping at least one epoch, so one
+    number still sets the length of any model's run."""
+
+    phases: ClassVar[tuple[Phase, ...]] = ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _total_epochs(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or "epochs" in data:
+            return data
+        try:
+            counts = [
+                int(data.get(p.epochs, cls.model_fields[p.epochs].default)) for p in cls.phases
+            ]
+        except (TypeError, ValueError):
+            # A placeholder total: the phase's own field then reports its bad value.
+            counts = [1 for _ in cls.phases]
+        return {**data, "epochs": sum(counts)}
+
+    @field_validator("epochs")
+    @classmethod
+    def _one_per_phase(cls, value: int) -> int:
+        if value < len(cls.phases):
+            names = ", ".join(p.name for p in cls.phases)
+            raise ValueError(
+                f"must be at least {len(cls.phases)}: it trains in {len(cls.phases)} phases "
+                f"({names}) of at least one epoch each"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _split_epochs(self) -> PhasedHparams:
+        counts = [getattr(self, p.epochs) for p in self.phases]
+        if self.epochs != sum(counts):
+            for phase, n in zip(self.phases, split_epochs(self.epochs, counts), strict=True):
+                setattr(self, phase.epochs, n)
+        return self
+
+
+def split_epochs(total: int, weights: list[int]) -> list[int]:
+    """`total` epochs (at least one per weight) shared in proportion to `weights` by largest
+    remainder, each share at least one."""
+    shares = [total * w / sum(weights) for w in weights]
+    counts = [max(1, int(s)) for s in shares]
+    while sum(counts) < total:
+        i = max(range(len(counts)), key=lambda k: shares[k] - counts[k])
+        counts[i] += 1
+    while sum(counts) > total:
+        i = max(
+            (k for k in range(len(counts)) if counts[k] > 1), key=lambda k: counts[k] - shares[k]
+        )
+        counts[i] -= 1
+    return counts
 
 
 @dataclass(frozen=True)
