@@ -31,11 +31,12 @@ def normal_class_indices(data: LabelledImages, normal_class: str | int | list) -
     """The normal classes' indices: one class, or several given comma-separated ("0,1,2,3,4")
     or as a list, which together form a multi-modal normal class. At least one class must be
     left over to be the anomalies."""
-    items = (
-        normal_class if isinstance(normal_class, (list, tuple)) else str(normal_class).split(",")
-    )
-    names = [str(c).strip() for c in items]
-    if not names or not all(names):
+    if isinstance(normal_class, str):
+        items: list = normal_class.split(",")
+    else:
+        items = list(normal_class) if isinstance(normal_class, (list, tuple)) else [normal_class]
+    names = [c.strip() if isinstance(c, str) else c for c in items]
+    if not names or any(str(n) == "" for n in names):
         raise DataError(
             f"normal class {normal_class!r} has an empty entry; give classes separated by "
             "commas, e.g. 0,1,2"
