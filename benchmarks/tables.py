@@ -29,6 +29,18 @@ Tables:
   widened by 10%; clustered: the modes' means scaled by 5 (tight far-off clusters);
   dependency: normal-looking rows whose columns were shuffled independently, so every
   feature's distribution is normal and only the dependence between features is broken.
+- `gen-multimodal`: a multi-modal normal class (the setting MMOC-GAN is built for) that is
+  small and imbalanced, like its manufacturing example: 2,000 normal rows in 8 columns from
+  5 well-separated Gaussian clusters of clearly different sizes (45/25/15/10/5% of the rows)
+  and spreads (standard deviation 0.6-1.2 per cluster), anomalies 3% of the test set. Half
+  the anomalies lie just beside a cluster: at a distance from its centre beyond the radius
+  that holds 99.9% of its rows, by 0.5 to 2 of its standard deviations (in 8 dimensions a
+  cluster's rows lie about sqrt(8) standard deviations out, so "2-4 sd from the centre"
+  would be inside it); the other half lie between clusters, around the midpoint of a
+  cluster pair (jittered by 1), which is far from every cluster. So each anomaly is near
+  the normal data's support but outside it, and a method that covers only the big clusters
+  misses the small ones' normals while one that smooths over the clusters misses the
+  anomalies between them.
 """
 
 from __future__ import annotations
@@ -62,8 +74,20 @@ TABLES: dict[str, Table] = {
     "gen-global": Table(TEST_FRACTION, 0.02),
     "gen-clustered": Table(TEST_FRACTION, 0.05),
     "gen-dependency": Table(TEST_FRACTION, 0.05),
+    "gen-multimodal": Table(TEST_FRACTION, 0.03),
 }
-GENERATED = {"gen-local": 0, "gen-global": 1, "gen-clustered": 2, "gen-dependency": 3}
+GENERATED = {
+    "gen-local": 0,
+    "gen-global": 1,
+    "gen-clustered": 2,
+    "gen-dependency": 3,
+    "gen-multimodal": 4,
+}
+# gen-multimodal (see the module docstring): small, so its smallest cluster has ~70 train rows.
+MULTIMODAL_NORMAL = 2000
+MULTIMODAL_WEIGHTS = np.array([0.45, 0.25, 0.15, 0.10, 0.05])
+MULTIMODAL_SPREADS = np.array([1.0, 0.6, 1.2, 0.8, 0.7])
+MULTIMODAL_DIM = 8
 
 
 def _modes(rng: np.random.Generator, dim: int, k: int, rank: int):
@@ -83,10 +107,53 @@ def _sample(rng, n, weights, means, loadings, spread=1.0, mean_scale=1.0):
     return means[mode] * mean_scale + np.sqrt(spread) * x
 
 
-def generate(name: str, n_normal: int = 4000, n_anomalous: int = 1000):
-    """-> (normal rows, anomalous rows) of a generated table, the same on every call."""
+def multimodal_clusters(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """gen-multimodal's cluster centres and their 99.9% radii: centres are redrawn until
+    every anomaly region (a shell beside a cluster, a midpoint between two) keeps at least
+    two standard deviations from every cluster's 99.9% radius."""
+    from scipy.stats import chi
+
+    radius = MULTIMODAL_SPREADS * chi.ppf(0.999, MULTIMODAL_DIM)
+    outer = radius + 2 * MULTIMODAL_SPREADS  # the farthest "beside" anomaly
+    k = len(MULTIMODAL_WEIGHTS)
+    while True:
+        centres = rng.uniform(-20, 20, (k, MULTIMODAL_DIM))
+        dist = np.linalg.norm(centres[:, None] - centres[None], axis=2)
+        pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
+        mids = np.array([(centres[i] + centres[j]) / 2 for i, j in pairs])
+        mid_dist = np.linalg.norm(mids[:, None] - centres[None], axis=2)
+        apart = all(dist[i, j] > outer[i] + outer[j] + 2 for i, j in pairs)
+        if apart and np.all(mid_dist > radius + 2 * MULTIMODAL_SPREADS.max() + 3):
+            return centres, radius
+
+
+def _multimodal(rng: np.random.Generator, n_normal: int, n_anomalous: int):
+    centres, radius = multimodal_clusters(rng)
+    k, dim = centres.shape
+    mode = rng.choice(k, n_normal, p=MULTIMODAL_WEIGHTS)
+    normal = centres[mode] + MULTIMODAL_SPREADS[mode, None] * rng.normal(0, 1, (n_normal, dim))
+    n_beside = n_anomalous // 2
+    near = rng.choice(k, n_beside)
+    direction = rng.normal(0, 1, (n_beside, dim))
+    direction /= np.linalg.norm(direction, axis=1, keepdims=True)
+    reach = radius[near] + MULTIMODAL_SPREADS[near] * rng.uniform(0.5, 2.0, n_beside)
+    beside = centres[near] + direction * reach[:, None]
+    pairs = np.array([(i, j) for i in range(k) for j in range(i + 1, k)])
+    pair = pairs[rng.choice(len(pairs), n_anomalous - n_beside)]
+    between = (centres[pair[:, 0]] + centres[pair[:, 1]]) / 2
+    between += rng.normal(0, 1, between.shape)
+    anomalous = np.concatenate([beside, between])
+    return normal, anomalous[rng.permutation(len(anomalous))]
+
+
+def generate(name: str, n_normal: int | None = None, n_anomalous: int = 1000):
+    """-> (normal rows, anomalous rows) of a generated table, the same on every call
+    (`n_normal`: 4,000 rows, gen-multimodal's 2,000)."""
     kind = name.removeprefix("gen-")
     rng = np.random.default_rng(1000 + GENERATED[name])
+    if kind == "multimodal":
+        return _multimodal(rng, n_normal or MULTIMODAL_NORMAL, n_anomalous)
+    n_normal = n_normal or 4000
     dim = {"local": 8, "global": 16, "clustered": 12, "dependency": 10}[kind]
     params = _modes(rng, dim, k=4, rank=2)
     normal = _sample(rng, n_normal, *params)

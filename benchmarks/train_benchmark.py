@@ -8,6 +8,8 @@ the work can spread over several sessions in the background, or run on a GPU mac
     python benchmarks/train_benchmark.py --plan mnist --seeds 0 1
     python benchmarks/train_benchmark.py --plan cifar10 --classes 0 1
     python benchmarks/train_benchmark.py --plan cifar10 --hparam contrast_norm=true
+    python benchmarks/train_benchmark.py --plan mnist-multimodal --seeds 0 1 2  # 0-4 / 5-9 normal
+    python benchmarks/train_benchmark.py --plan tables --tables gen-multimodal --seeds 0 1 2
     python benchmarks/train_benchmark.py --report              # prints the tables
     python benchmarks/write_docs.py                            # renders docs/benchmarks.md
 
@@ -43,6 +45,9 @@ PLANS = {
     "kdd": ("kddcup99", "kdd-dagmm", [None]),
     "mnist": ("mnist", "one-class-normal", [str(c) for c in range(10)]),
     "cifar10": ("cifar10", "one-class-normal", [str(c) for c in range(10)]),
+    # A multi-modal normal class (MMOC-GAN's setting): digits 0-4 normal, 5-9 the anomalies,
+    # and the reverse; each "class" of the plan is one comma-separated set of normal digits.
+    "mnist-multimodal": ("mnist", "one-class-normal", ["0,1,2,3,4", "5,6,7,8,9"]),
     # The tabular benchmark (benchmarks/tables.py): one job per table; kdd-dagmm is the kdd
     # plan's, so its rows are shared with the table above.
     "tables": ("tables", "novelty", [t for t in TABLES if t != "kdd-dagmm"]),
@@ -367,6 +372,61 @@ def kdd_table(rows: list[dict], title: str) -> list[str]:
 REPORT_SEEDS = range(5)  # dev seeds (5-8) never enter the report tables
 
 
+def is_multimodal(row: dict) -> bool:
+    """A row of the mnist-multimodal plan: several normal digits, comma-separated."""
+    return "," in str(row.get("cls"))
+
+
+def digits_label(cls: str) -> str:
+    """ "0,1,2,3,4" -> "0-4 normal" (a run of consecutive digits), else the list."""
+    digits = [int(c) for c in cls.split(",")]
+    if digits == list(range(digits[0], digits[0] + len(digits))):
+        return f"{digits[0]}-{digits[-1]} normal"
+    return f"{cls} normal"
+
+
+def multimodal_table(rows: list[dict]) -> list[str]:
+    """MNIST with several normal digits (the mnist-multimodal plan): AUROC per split, mean ±
+    sd over the report seeds, beside each model's one-class mean over single digits."""
+    import numpy as np
+
+    sel = [
+        r
+        for r in rows
+        if r["dataset"] == "mnist" and is_multimodal(r) and r["seed"] in REPORT_SEEDS
+    ]
+    if not sel:
+        return []
+    splits = [c for c in PLANS["mnist-multimodal"][2] if any(r["cls"] == c for r in sel)]
+    splits += sorted({r["cls"] for r in sel} - set(splits))
+    single = [
+        r for r in rows if r["dataset"] == "mnist" and not is_multimodal(r) and r["cls"] is not None
+    ]
+    out = [
+        "### MNIST with a multi-modal normal class (mnist-multimodal plan)",
+        "",
+        "`python benchmarks/train_benchmark.py --plan mnist-multimodal --seeds 0 1 2`: "
+        "one-class-normal with several normal digits (`--normal-class 0,1,2,3,4`), trained on "
+        "their train images, tested on the full test split with the other digits as "
+        "anomalies (about half of it). Cells: AUROC, mean ± sample std over the report seeds "
+        "(how many in brackets); development seeds (5 and up) are not in this table. The last "
+        "column is the same model's mean AUROC over the single normal digits of the MNIST "
+        "table above, for comparison.",
+        "",
+        "| model | " + " | ".join(digits_label(c) for c in splits) + " | one-class mean |",
+        "|---" * (len(splits) + 2) + "|",
+    ]
+    for model in model_labels(sel):
+        cells = []
+        for c in splits:
+            vals = [r["metrics"]["auroc"] for r in sel if label(r) == model and r["cls"] == c]
+            cells.append(f"{_mean_sd(vals)} ({len(vals)})" if vals else "-")
+        one = [r["metrics"]["auroc"] for r in single if label(r) == model]
+        cells.append(f"{np.mean(one):.3f}" if one else "-")
+        out.append(f"| {model} | " + " | ".join(cells) + " |")
+    return [*out, ""]
+
+
 def table_rows(rows: list[dict]) -> dict[str, list[dict]]:
     """Table name -> its report-seed rows; kdd-dagmm's are the kdd plan's."""
     out: dict[str, list[dict]] = {}
@@ -412,10 +472,11 @@ def tables_table(rows: list[dict], metric: str, title: str) -> list[str]:
     return [*out, ""]
 
 
-def report() -> str:
+def report(rows: list[dict] | None = None) -> str:
+    """The markdown tables of `rows` (default: the results file)."""
     import numpy as np
 
-    rows = read_rows()
+    rows = read_rows() if rows is None else rows
     out = [
         "## Training benchmark",
         "",
@@ -434,7 +495,7 @@ def report() -> str:
     ]
     models = model_labels(rows)
     for dataset, protocol in (("mnist", "one-class-normal"), ("cifar10", "one-class-normal")):
-        sel = [r for r in rows if r["dataset"] == dataset]
+        sel = [r for r in rows if r["dataset"] == dataset and not is_multimodal(r)]
         if not sel:
             continue
         out += [
@@ -458,6 +519,7 @@ def report() -> str:
                 note = f"{np.mean(means):.3f} ({len(means)}/10)"
                 out.append(f"| {model} | " + " | ".join(cells) + f" | {note} |")
         out += ["", "Cells: mean ± sample std over seeds where more than one seed ran.", ""]
+    out += multimodal_table(rows)
     out += kdd_table(rows, "KDD Cup 99 (10%), kdd-dagmm protocol")
     out += [
         "### Tabular benchmark",
@@ -486,14 +548,9 @@ def report() -> str:
         "train seconds (min-max) | peak RSS MB (max) |",
         "|---|---|---|---|---|---|---|",
     ]
-    for dataset in ("mnist", "cifar10", "kddcup99", *TABLES):
+    for dataset in ("mnist", "mnist-multimodal", "cifar10", "kddcup99", *TABLES):
         for model in models:
-            sel = [
-                r
-                for r in rows
-                if (r["dataset"] == dataset or r["dataset"] == "tables" and r["cls"] == dataset)
-                and label(r) == model
-            ]
+            sel = [r for r in rows if _time_group(r) == dataset and label(r) == model]
             if sel:
                 secs = [r["train_seconds"] for r in sel]
                 epochs = sorted({r["epochs"] for r in sel if r.get("epochs")})
@@ -504,6 +561,13 @@ def report() -> str:
                     f"{max(r['peak_memory_mb'] for r in sel):.0f} |"
                 )
     return "\n".join(out) + "\n"
+
+
+def _time_group(row: dict) -> str:
+    """The training-time table's line a row belongs to."""
+    if row["dataset"] == "tables":
+        return row["cls"]
+    return "mnist-multimodal" if is_multimodal(row) else row["dataset"]
 
 
 def main() -> None:

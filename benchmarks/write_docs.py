@@ -12,6 +12,8 @@ comes from a command in this folder:
         gen-dependency breast-cancer wine --seeds 5 6 7     # -> results/candidates.jsonl
     python benchmarks/score_candidates.py --tables kdd-normal --seeds 5 --archs ganomaly egbad
     python benchmarks/train_benchmark.py --plan tables --seeds 0 1 2      # all models
+    python benchmarks/train_benchmark.py --plan tables --tables gen-multimodal --seeds 0 1 2
+    python benchmarks/train_benchmark.py --plan mnist-multimodal --seeds 0 1 2  # 0-4, 5-9 normal
     python benchmarks/export_check.py --seeds 0               # -> results/export.jsonl
     python benchmarks/train_benchmark.py --plan mnist                     # (all models)
     python benchmarks/train_benchmark.py --plan mnist --seeds 1             # (all models)

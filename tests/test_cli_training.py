@@ -146,6 +146,21 @@ def datasets(tmp_path):
             ["--dataset", "mnist", "--data-root", "{d}/good", "--log-columns", "a"],
             ["mnist", "tables only"],
         ),
+        (["--dataset", "mnist", "--normal-class", "0,1,x", "--data-root", "{d}/good"], ["'x'"]),
+        (
+            ["--dataset", "mnist", "--normal-class", "0,3,3", "--data-root", "{d}/good"],
+            ["'3' is given more than once"],
+        ),
+        (
+            ["--dataset", "mnist", "--normal-class", "0,1,2,3,4,5,6,7,8,9"]
+            + ["--data-root", "{d}/good"],
+            ["all 10 classes", "at least one class"],
+        ),
+        (
+            ["--dataset", "mnist", "--protocol", "one-class-anomalous", "--normal-class", "1,2"]
+            + ["--data-root", "{d}/good"],
+            ["takes one anomalous class"],
+        ),
     ],
 )
 def test_train_data_errors_name_the_file_or_field(capsys, datasets, args, needles):

@@ -119,6 +119,52 @@ def test_max_train_caps_training_samples_only(tmp_path):
     assert len(s.train) == 10 and len(s.val) == 4 and len(s.test) == 50
 
 
+def test_several_normal_classes_form_one_multi_modal_normal_class(tmp_path):
+    root = make_mnist(tmp_path, n_train=200, n_test=100)
+    s = load_splits("mnist", "one-class-normal", normal_class="4, 0,2,1,3", root=root)
+    assert s.protocol == "one-class-normal"
+    assert s.normal_classes == ["0", "1", "2", "3", "4"]
+    assert s.anomalous_classes == ["5", "6", "7", "8", "9"]
+    # 5 classes x 20 train images = 100, 10% held out; the full test split kept.
+    assert (len(s.train), len(s.val), len(s.test)) == (90, 10, 100)
+    raw_test = read_idx(root / "mnist" / "t10k-labels-idx1-ubyte.gz", 1)
+    np.testing.assert_array_equal(s.test_labels, (raw_test >= 5).astype(np.int64))
+    assert s.test_labels.sum() == 50
+    # Train and val are exactly the normal classes' train images: none from the test split,
+    # none of an anomalous class.
+    train_x = read_idx(root / "mnist" / "train-images-idx3-ubyte.gz", 3)
+    train_y = read_idx(root / "mnist" / "train-labels-idx1-ubyte.gz", 1)
+    normal_train = train_x[train_y < 5].astype(np.float32)[:, None] / 255.0
+    assert _row_hashes(s.train) | _row_hashes(s.val) == _row_hashes(normal_train)
+    _assert_disjoint(s)
+    # A list says the same; the reverse split makes the other digits normal.
+    same = load_splits("mnist", normal_class=["0", "1", "2", "3", "4"], root=root)
+    np.testing.assert_array_equal(same.train, s.train)
+    rev = load_splits("mnist", normal_class="5,6,7,8,9", root=root)
+    np.testing.assert_array_equal(rev.test_labels, 1 - s.test_labels)
+
+
+@pytest.mark.parametrize(
+    ("normal_class", "message"),
+    [
+        ("0,1,12", r"class '12' does not exist.*0=0, 1=1"),
+        ("0,1,1", r"normal class '1' is given more than once in '0,1,1'"),
+        ("0,,1", r"empty entry"),
+        (",".join(str(c) for c in range(10)), r"all 10 classes .* are normal"),
+    ],
+)
+def test_bad_normal_class_lists_are_named(tmp_path, normal_class, message):
+    root = make_mnist(tmp_path, n_train=30, n_test=10)
+    with pytest.raises(DataError, match=message):
+        load_splits("mnist", normal_class=normal_class, root=root)
+
+
+def test_one_class_anomalous_takes_one_class(tmp_path):
+    root = make_mnist(tmp_path, n_train=30, n_test=10)
+    with pytest.raises(DataError, match="one-class-anomalous takes one anomalous class"):
+        load_splits("mnist", "one-class-anomalous", normal_class="1,2", root=root)
+
+
 @pytest.mark.parametrize("as_tar", [True, False])
 def test_cifar_pickle_batches(tmp_path, as_tar):
     root = make_cifar_batches(tmp_path, n_per_batch=20, as_tar=as_tar)

@@ -64,7 +64,11 @@ def _data_args(p: argparse.ArgumentParser, *, defaults_from_run: bool) -> None:
         "--protocol",
         help="one-class-normal, one-class-anomalous, kdd-dagmm or custom" + hint,
     )
-    p.add_argument("--normal-class", help="the protocol's class, e.g. 3 or cat" + hint)
+    p.add_argument(
+        "--normal-class",
+        help="the protocol's class, e.g. 3 or cat; one-class-normal takes several, "
+        "comma-separated (0,1,2,3,4: a multi-modal normal class)" + hint,
+    )
     p.add_argument("--data-root", type=Path, help="folder holding the datasets")
     p.add_argument("--download", action="store_true", help="fetch public datasets if missing")
 

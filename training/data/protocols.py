@@ -27,9 +27,35 @@ def _cap(rows: np.ndarray, max_train: int | None, rng: np.random.RandomState) ->
     return np.sort(rows[rng.permutation(len(rows))[:max_train]])
 
 
+def normal_class_indices(data: LabelledImages, normal_class: str | int | list) -> list[int]:
+    """The normal classes' indices: one class, or several given comma-separated ("0,1,2,3,4")
+    or as a list, which together form a multi-modal normal class. At least one class must be
+    left over to be the anomalies."""
+    if isinstance(normal_class, str):
+        items: list = normal_class.split(",")
+    else:
+        items = list(normal_class) if isinstance(normal_class, (list, tuple)) else [normal_class]
+    names = [c.strip() if isinstance(c, str) else c for c in items]
+    if not names or any(str(n) == "" for n in names):
+        raise DataError(
+            f"normal class {normal_class!r} has an empty entry; give classes separated by "
+            "commas, e.g. 0,1,2"
+        )
+    ks = [data.class_index(n) for n in names]
+    repeated = sorted({data.classes[k] for k in ks if ks.count(k) > 1})
+    if repeated:
+        raise DataError(f"normal class {repeated[0]!r} is given more than once in {normal_class!r}")
+    if len(ks) == len(data.classes):
+        raise DataError(
+            f"all {len(ks)} classes of {data.source} are normal: leave at least one class "
+            "out to be the anomalies"
+        )
+    return sorted(ks)
+
+
 def one_class_normal(
     data: LabelledImages,
-    normal_class: str | int,
+    normal_class: str | int | list,
     *,
     split_seed: int,
     val_fraction: float,
@@ -39,12 +65,15 @@ def one_class_normal(
     dataset: str,
 ) -> Splits:
     """Deep SVDD / OCGAN / MEMGAN: train on one class's train split (less a validation
-    hold-out), test on the full official test split with the other classes as anomalies."""
-    k = data.class_index(normal_class)
+    hold-out), test on the full official test split with the other classes as anomalies.
+    Several normal classes (MMOC-GAN's multi-modal normal class, e.g. digits 0-4) are pooled
+    the same way: their train images together, the validation hold-out drawn from the pool."""
+    ks = normal_class_indices(data, normal_class)
     rng = np.random.RandomState(split_seed)
-    rows = np.flatnonzero(data.train_y == k)
-    if len(rows) == 0:
-        raise DataError(f"{data.source}: class {data.classes[k]!r} has no training images")
+    for k in ks:
+        if not np.any(data.train_y == k):
+            raise DataError(f"{data.source}: class {data.classes[k]!r} has no training images")
+    rows = np.flatnonzero(np.isin(data.train_y, ks))
     train_rows, val_rows = _hold_out(rows, val_fraction, rng)
     train_rows = _cap(train_rows, max_train, rng)
     spec = image_spec(data.train_x.shape[1:3], data.native_channels, image_size, channels)
@@ -52,12 +81,12 @@ def one_class_normal(
         train=to_model_input(data.train_x[train_rows], spec),
         val=to_model_input(data.train_x[val_rows], spec),
         test=to_model_input(data.test_x, spec),
-        test_labels=(data.test_y != k).astype(np.int64),
+        test_labels=(~np.isin(data.test_y, ks)).astype(np.int64),
         input_spec=spec,
         dataset=dataset,
         protocol="one-class-normal",
-        normal_classes=[data.classes[k]],
-        anomalous_classes=[c for i, c in enumerate(data.classes) if i != k],
+        normal_classes=[data.classes[k] for k in ks],
+        anomalous_classes=[c for i, c in enumerate(data.classes) if i not in ks],
         split_seed=split_seed,
         test_classes=np.asarray(data.classes)[data.test_y],
     )

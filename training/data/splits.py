@@ -64,7 +64,7 @@ def load_splits(
     dataset: str,
     protocol: str | None = None,
     *,
-    normal_class: str | int | None = None,
+    normal_class: str | int | list[str] | None = None,
     anomalous_class: str | int | None = None,
     root: Path | None = None,
     split_seed: int | None = None,
@@ -83,12 +83,14 @@ def load_splits(
 ) -> Splits:
     """Load `dataset` (a name in DATASETS or a path to the user's data) split by `protocol`.
 
-    `normal_class` picks the class by index or name. Under `one-class-anomalous` it names
-    the ANOMALOUS class (as GANomaly's `--abnormal_class` does); `anomalous_class` says the
-    same thing explicitly. `image_size` resizes square through the service's preprocessing;
-    tabular data ignores it. `log_columns` (tables only) scales those numeric columns as
-    log(1 + v). `preprocessing` encodes a table with a model's own fitted
-    preprocessing instead of fitting one on the train split, so evaluation feeds a model
+    `normal_class` picks the class by index or name; under `one-class-normal` several
+    classes, comma-separated ("0,1,2,3,4") or a list, are normal together (a multi-modal
+    normal class). Under `one-class-anomalous` it names the (one) ANOMALOUS class (as
+    GANomaly's `--abnormal_class` does); `anomalous_class` says the same thing explicitly.
+    `image_size` resizes square through the service's preprocessing; tabular data ignores
+    it. `log_columns` (tables only) scales those numeric columns as log(1 + v).
+    `preprocessing` encodes a table with a model's own fitted preprocessing instead of
+    fitting one on the train split, so evaluation feeds a model
     the features it was trained on and is served. Raises DataError naming the file, field
     or class at fault.
 
@@ -257,7 +259,7 @@ def _no_log_columns(log_columns: list[str] | None, dataset: str) -> None:
 def _one_class(
     data: LabelledImages,
     protocol: str,
-    normal_class: str | int | None,
+    normal_class: str | int | list[str] | None,
     anomalous_class: str | int | None,
     split_seed: int | None,
     image_size: int | None,
@@ -292,4 +294,9 @@ def _one_class(
     chosen = anomalous_class if anomalous_class is not None else normal_class
     if chosen is None:
         raise DataError(f"one-class-anomalous needs the anomalous class; choose one of {choices}")
+    if isinstance(chosen, (list, tuple)) or "," in str(chosen):
+        raise DataError(
+            f"one-class-anomalous takes one anomalous class, got {chosen!r}; several normal "
+            "classes together are one-class-normal with a comma-separated --normal-class"
+        )
     return protocols.one_class_anomalous(data, chosen, **kwargs)
