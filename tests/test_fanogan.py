@@ -19,7 +19,7 @@ from gansentry.cli import main
 from gansentry.manifest import ImageInput
 from tests.data_factories import make_mnist
 from tests.fixtures_redis import ApiProcess, RedisServer, WorkerProcess
-from tests.test_train import image_splits, tabular_splits
+from tests.test_train import assert_same_run, image_splits, tabular_splits
 from training.models import build_model
 from training.models.registry import resolve
 from training.runs import CHECKPOINT_DIR, LAST_CHECKPOINT, RunError, load_run, score_array
@@ -114,21 +114,7 @@ def test_resume_inside_either_phase_is_exact(tmp_path, monkeypatch, kind, stop_a
     assert [r["phase"] for r in last["history"]] == ["gan", "gan", "encoder"][:stop_after]
     resumed = train(cfg(tmp_path, "part", kind, resume=True), make(), progress=False)
 
-    a, ia = load_run(full)
-    b, ib = load_run(resumed)
-    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in ia.history]
-    assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in ib.history]
-    assert ia.selected_epoch == ib.selected_epoch
-    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
-        assert ka == kb and torch.equal(va, vb), ka
-    last_a = torch.load(full / CHECKPOINT_DIR / LAST_CHECKPOINT, weights_only=True)
-    last_b = torch.load(resumed / CHECKPOINT_DIR / LAST_CHECKPOINT, weights_only=True)
-    for name, opt in last_a["model_state"]["optimizers"].items():
-        for pid, st in opt["state"].items():
-            for key, val in st.items():
-                assert torch.equal(
-                    val, last_b["model_state"]["optimizers"][name]["state"][pid][key]
-                )
+    assert_same_run(full, resumed)
 
 
 def test_score_is_the_izi_f_loss_of_pixels_and_critic_features():

@@ -5,6 +5,7 @@ normals only, and bad configurations fail with a clear message."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -186,21 +187,8 @@ def test_resume_after_interruption_is_exact(tmp_path, arch, splits, hparams):
     resumed = train(
         cfg(tmp_path, "part", epochs=4, resume=True, **common), splits(), progress=False
     )
-    a, ia = load_run(full)
-    b, ib = load_run(resumed)
-    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in ia.history]
-    assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in ib.history]
-    assert ib.epochs_done == 4 and ia.selected_epoch == ib.selected_epoch
-    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
-        assert ka == kb and torch.equal(va, vb), ka
-    last_a = torch.load(full / CHECKPOINT_DIR / LAST_CHECKPOINT, weights_only=True)
-    last_b = torch.load(resumed / CHECKPOINT_DIR / LAST_CHECKPOINT, weights_only=True)
-    for name, opt in last_a["model_state"]["optimizers"].items():
-        for pid, st in opt["state"].items():
-            for key, val in st.items():
-                assert torch.equal(
-                    val, last_b["model_state"]["optimizers"][name]["state"][pid][key]
-                )
+    assert_same_run(full, resumed)
+    assert load_run(resumed)[1].epochs_done == 4
 
 
 def test_interrupted_epoch_loses_only_that_epoch(tmp_path, monkeypatch):
@@ -306,3 +294,23 @@ def test_time_budget_is_capped_by_epochs_and_resumes_with_a_larger_budget(tmp_pa
     assert info.history[0] == first_info.history[0]
     with pytest.raises(RunError, match="time_budget must be positive"):
         train(cfg(tmp_path, "bad", time_budget=0.0), splits, progress=False)
+
+
+def assert_same_run(full: Path, resumed: Path) -> None:
+    """A resumed run ends exactly where an uninterrupted one does: history (less timings),
+    selected epoch, weights and optimiser state."""
+    a, ia = load_run(full)
+    b, ib = load_run(resumed)
+    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in ia.history]
+    assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in ib.history]
+    assert ia.selected_epoch == ib.selected_epoch
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert ka == kb and torch.equal(va, vb), ka
+    last_a = torch.load(full / CHECKPOINT_DIR / LAST_CHECKPOINT, weights_only=True)
+    last_b = torch.load(resumed / CHECKPOINT_DIR / LAST_CHECKPOINT, weights_only=True)
+    for name, opt in last_a["model_state"]["optimizers"].items():
+        for pid, st in opt["state"].items():
+            for key, val in st.items():
+                assert torch.equal(
+                    val, last_b["model_state"]["optimizers"][name]["state"][pid][key]
+                )
