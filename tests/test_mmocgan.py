@@ -174,15 +174,42 @@ def test_bad_hyperparameters_are_refused_naming_the_key(key: str, value: object,
         build_model("mmocgan", splits().input_spec, **{key: value})
 
 
-def test_image_visuals_are_complementary_samples_per_mode() -> None:
+def test_image_mode_samples_are_drawn_per_mode_and_drawn_as_a_picture(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from training.report import modes_png
+
     spec = ImageInput(channels=1, height=16, width=16)
     model = build_model("mmocgan", spec, width=8, latent_dim=8, modes=4)
+    normals = torch.rand(10, 1, 16, 16)
     assert model.training
-    samples = model.visuals()["complementary_samples"]
-    assert samples.shape == (4 * 8, 1, 16, 16)
-    assert float(samples.min()) >= 0.0 and float(samples.max()) <= 1.0
+    drawn = model.mode_samples(normals, per_mode=5)
     assert model.training  # drawing them leaves the model as it was
-    torch.testing.assert_close(model.visuals()["complementary_samples"], samples)
+    assert drawn["fake"].shape == (4 * 5, 1, 16, 16)
+    assert drawn["fake_modes"].tolist() == [m for m in range(4) for _ in range(5)]
+    assert float(drawn["fake"].min()) >= 0.0 and float(drawn["fake"].max()) <= 1.0
+    assert drawn["real_modes"].shape == (10,) and int(drawn["real_modes"].max()) < 4
+    torch.testing.assert_close(model.mode_samples(normals, per_mode=5)["fake"], drawn["fake"])
+    arrays = {k: v.numpy() for k, v in drawn.items()}
+    with Image.open(modes_png(**arrays, path=tmp_path / "modes.png")) as picture:
+        assert picture.format == "PNG" and picture.height > picture.width / 4
+
+
+def test_the_report_draws_normals_and_complementary_samples_per_mode(
+    trained_run: Path, tmp_path: Path
+) -> None:
+    from PIL import Image
+
+    from training.report import modes_png
+
+    model, _ = load_run(trained_run)
+    normals = torch.from_numpy(splits().val)
+    drawn = {k: v.numpy() for k, v in model.mode_samples(normals, per_mode=50).items()}
+    assert drawn["fake"].shape == (MODES * 50, FEATURES)
+    # Q assigns the real normals to the modes it learnt from G: more than one of them.
+    assert len(np.unique(drawn["real_modes"])) > 1
+    with Image.open(modes_png(**drawn, path=tmp_path / "modes.png")) as picture:
+        assert picture.format == "PNG"
 
 
 def test_resume_after_interruption_is_exact(tmp_path: Path) -> None:
@@ -258,3 +285,28 @@ def test_served_scores_match_and_reconstructions_are_refused(
     assert asked.json()["detail"] == (
         f"model {NAME} version 1 has no reconstructions: its graph outputs only score"
     )
+
+
+def test_cli_evaluate_of_a_multimodal_image_run_draws_its_modes(tmp_path: Path, capsys) -> None:
+    """A user's path: train on several normal digits with the CLI, then `evaluate` the run
+    folder; the report has the modes picture beside the ROC and histogram."""
+    import json
+
+    from PIL import Image
+
+    from gansentry.cli import main
+    from tests.data_factories import make_mnist
+
+    data, run = tmp_path / "data", tmp_path / "run"
+    make_mnist(data, n_train=300, n_test=60)
+    argv = ["train", "--model", "mmocgan", "--dataset", "mnist", "--normal-class", "0,1,2"]
+    argv += ["--data-root", data, "--out", run, "--no-progress", "--epochs", "1"]
+    argv += ["--hparam", "width=8", "--hparam", "latent_dim=8", "--hparam", "modes=3"]
+    assert main([str(a) for a in argv]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--data-root", str(data), "--json"]) == 0
+    files = [Path(f) for f in json.loads(capsys.readouterr().out)["files"]]
+    modes = [f for f in files if f.name == "modes.png"]
+    assert modes, files
+    with Image.open(modes[0]) as picture:
+        assert picture.format == "PNG"

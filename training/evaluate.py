@@ -22,6 +22,8 @@ from training import metrics as metrics_mod
 from training import report
 
 SCORE_BATCH = 256
+# Test normals a multi-modal model's mode picture draws from (Q runs on each).
+MODE_NORMALS = 2000
 METRICS_FILE = "metrics.json"
 SCORES_FILE = "scores.csv"
 
@@ -146,6 +148,9 @@ class Target:
     data: DataRequest
     score: ScoreFn
     visuals: Callable[[], dict[str, np.ndarray]] = field(default=lambda: {})
+    # A multi-modal model's real normals by inferred mode and its samples per mode (only a
+    # run folder has the generator; see `report.modes_png`).
+    mode_samples: Callable[[np.ndarray], dict[str, np.ndarray]] | None = None
     default_report_dir: Path = Path("report")
     # The heat-map colour scale of an exported model with anomaly maps (its manifest's).
     map_vmax: float | None = None
@@ -296,6 +301,12 @@ def open_run_dir(path: Path, device: str = "cpu") -> Target:
             out = model.visuals() if hasattr(model, "visuals") else {}
         return {k: v.detach().float().cpu().numpy() for k, v in (out or {}).items()}
 
+    def mode_samples(normals: np.ndarray) -> dict[str, np.ndarray]:
+        x = torch.as_tensor(normals, device=device)
+        with torch.no_grad():
+            out = model.mode_samples(x)
+        return {k: v.detach().cpu().numpy() for k, v in out.items()}
+
     return Target(
         kind="run",
         path=path,
@@ -305,6 +316,7 @@ def open_run_dir(path: Path, device: str = "cpu") -> Target:
         data=data,
         score=score,
         visuals=visuals,
+        mode_samples=mode_samples if hasattr(model, "mode_samples") else None,
         default_report_dir=path / "report",
     )
 
@@ -436,6 +448,10 @@ def evaluate(
             target.map_vmax,
         )
         files.append(write_scores(out_dir / SCORES_FILE, scores, labels))
+        normals = test[labels == 0][:MODE_NORMALS]
+        if target.mode_samples is not None and len(normals):
+            drawn = target.mode_samples(normals)
+            files.append(report.modes_png(**drawn, path=out_dir / report.MODES_FILE))
     out_dir.mkdir(parents=True, exist_ok=True)
     per_class: list[dict] = []
     if splits.test_classes is not None and len(test):

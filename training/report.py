@@ -24,6 +24,7 @@ RECONSTRUCTIONS_FILE = "reconstructions.png"
 MEMORY_FILE = "memory_units.png"
 PER_CLASS_FILE = "per_class_errors.png"
 ANOMALY_MAPS_FILE = "anomaly_maps.png"
+MODES_FILE = "modes.png"
 
 
 def _save(fig: Figure, path: Path) -> Path:
@@ -190,6 +191,66 @@ def image_grid_png(images: np.ndarray, title: str, path: Path, columns: int = 10
         if i < len(x):
             ax.imshow(x[i], cmap="gray" if x[i].ndim == 2 else None, vmin=0, vmax=1)
     fig.suptitle(title)
+    return _save(fig, path)
+
+
+def modes_png(
+    real: np.ndarray,
+    real_modes: np.ndarray,
+    fake: np.ndarray,
+    fake_modes: np.ndarray,
+    path: Path,
+    per_row: int = 6,
+) -> Path:
+    """A multi-modal model's modes: real normals by the mode the model infers for them,
+    beside the samples it generates for that mode (MMOC-GAN's complementary samples).
+    Images: one row per mode, normals left, generated samples right. Tables: the first
+    two principal components of the normals, normals as dots and generated samples as
+    crosses, one colour per mode."""
+    modes = int(max(real_modes.max(initial=-1), fake_modes.max(initial=-1))) + 1
+    if real.ndim == 4:
+        x_real, x_fake = _to_hwc(real), _to_hwc(fake)
+        cols = 2 * per_row + 1
+        fig, axes = plt.subplots(
+            modes, cols, figsize=(0.9 * cols, 0.9 * modes + 0.6), squeeze=False
+        )
+        for m in range(modes):
+            picks = [
+                (x_real, np.flatnonzero(real_modes == m)[:per_row], 0),
+                (x_fake, np.flatnonzero(fake_modes == m)[:per_row], per_row + 1),
+            ]
+            for images, idx, first in picks:
+                for j, i in enumerate(idx):
+                    ax = axes[m, first + j]
+                    ax.imshow(
+                        images[i], cmap="gray" if images[i].ndim == 2 else None, vmin=0, vmax=1
+                    )
+            axes[m, 0].set_ylabel(f"mode {m}\n({int((real_modes == m).sum())})", fontsize=7)
+        for ax in axes.flat:
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for side in ax.spines.values():
+                side.set_visible(False)
+        fig.suptitle("real normals by inferred mode (left) | generated for that mode (right)")
+        return _save(fig, path)
+    from sklearn.decomposition import PCA
+
+    flat_real = real.reshape(len(real), -1)
+    pca = PCA(n_components=2, random_state=0).fit(flat_real)
+    p_real, p_fake = pca.transform(flat_real), pca.transform(fake.reshape(len(fake), -1))
+    colours = plt.get_cmap("tab10" if modes <= 10 else "tab20")
+    fig, ax = plt.subplots(figsize=(7, 6))
+    for m in range(modes):
+        r, f = p_real[real_modes == m], p_fake[fake_modes == m]
+        ax.scatter(r[:, 0], r[:, 1], s=6, color=colours(m % colours.N), alpha=0.5,
+                   label=f"mode {m}: {len(r)} normals")  # fmt: skip
+        ax.scatter(f[:, 0], f[:, 1], s=14, marker="x", color=colours(m % colours.N), alpha=0.8)
+    ax.set(
+        title="normals (dots) by inferred mode, generated samples (x) per mode",
+        xlabel="PC 1 of the normals",
+        ylabel="PC 2",
+    )
+    ax.legend(fontsize=7, markerscale=2, loc="best")
     return _save(fig, path)
 
 

@@ -305,16 +305,21 @@ class MMOCGAN(AnomalyGAN):
         """Q's most likely mode code for x [N] (eval mode)."""
         return self.q(self.code(x)).argmax(dim=1)
 
-    def visuals(self) -> dict[str, Tensor]:
-        """Eight complementary samples per mode code, sample i drawn for code i mod modes,
-        so in the report's ten-column grid each column is one of the default ten modes
-        (images only)."""
-        if not self.is_image:
-            return {}
+    @torch.no_grad()
+    def mode_samples(self, normals: Tensor, per_mode: int = 200) -> dict[str, Tensor]:
+        """What the report draws per mode: real normals with the mode Q infers for each,
+        beside `per_mode` complementary samples drawn for each code (a seeded draw, so
+        reports of one run are comparable), both in the contract's range."""
         was_training = self.training
         self.eval()
-        codes = torch.arange(self.hparams["modes"], device=self.density_ref.device)
-        with torch.no_grad():
-            x = self.generate(codes.repeat(8), torch.Generator().manual_seed(0))
+        m = self.hparams["modes"]
+        codes = torch.arange(m, device=normals.device).repeat_interleave(per_mode)
+        fake = self.generate(codes, torch.Generator().manual_seed(0))
+        out = {
+            "real": normals,
+            "real_modes": self.mode_of(normals),
+            "fake": self.from_model_space(fake).clamp(0.0, 1.0) if self.is_image else fake,
+            "fake_modes": codes,
+        }
         self.train(was_training)
-        return {"complementary_samples": self.from_model_space(x).clamp(0.0, 1.0)}
+        return out
