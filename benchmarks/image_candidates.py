@@ -36,6 +36,13 @@ CANDIDATES: dict[str, dict[str, dict]] = {
         "latent": {"score_method": "latent"},
         "knn": {"score_method": "knn"},
     },
+    # f-AnoGAN: the paper's izi_f score, its pixel residual alone (kappa 0) and the nearest
+    # training code.
+    "fanogan": {
+        "izi_f": {"score_method": "izi_f"},
+        "rec": {"score_method": "izi_f", "kappa": 0.0},
+        "knn": {"score_method": "knn"},
+    },
     "memgan": {
         "reconstruction": {"score_method": "reconstruction"},
         "memory": {"score_method": "memory"},

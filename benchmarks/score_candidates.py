@@ -29,6 +29,7 @@ CANDIDATES = {
     "ganomaly": ["latent", "reconstruction", "feature-mahalanobis", "knn"],
     "egbad": ["knn", "latent", "fm"],
     "memgan": ["reconstruction", "memory", "knn"],
+    "mmocgan": ["discriminator", "knn"],
 }
 
 

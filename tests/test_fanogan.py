@@ -120,7 +120,7 @@ def test_resume_inside_either_phase_is_exact(tmp_path, monkeypatch, kind, stop_a
 def test_score_is_the_izi_f_loss_of_pixels_and_critic_features():
     spec = ImageInput(channels=1, height=16, width=16)
     torch.manual_seed(0)
-    model = build_model("fanogan", spec, **TINY_IMAGE)
+    model = build_model("fanogan", spec, **{**TINY_IMAGE, "score_method": "izi_f"})
     x = torch.as_tensor(image_splits().train[:8])
     model.training_step(x)
     model.start_phase("encoder")
@@ -134,7 +134,7 @@ def test_score_is_the_izi_f_loss_of_pixels_and_critic_features():
         feature = (model.disc(xm)[1] - model.disc(rec)[1]).pow(2).mean(dim=1)
         torch.testing.assert_close(score, pixel + feature)
         torch.testing.assert_close(recon, (rec + 1) / 2)
-        weighted = build_model("fanogan", spec, **{**TINY_IMAGE, "kappa": 3.0})
+        weighted = build_model("fanogan", spec, **{**model.hparams, "kappa": 3.0})
         weighted.load_state_dict(model.state_dict())
         torch.testing.assert_close(weighted.eval().score(x)[0], pixel + 3.0 * feature)
     with pytest.raises(ValueError, match="fanogan has no phase 'critic'"):

@@ -27,7 +27,10 @@ from training.train import TrainConfig, train
 FEATURES, MODES = 6, 3
 NAME = "mmoc"
 # Small networks and a short schedule: the architecture is the default's.
+# The paper's score, D's probability (tables default to the nearest code, which the
+# generic tests in test_nearest_code.py run for every architecture).
 HPARAMS = {
+    "score_method": "discriminator",
     "modes": MODES,
     "latent_dim": 8,
     "d_hidden": [32, 32],
@@ -78,14 +81,14 @@ def splits() -> Splits:
     )
 
 
-def config(out: Path, epochs: int, **kw: object) -> TrainConfig:
+def config(out: Path, epochs: int, hparams: dict | None = None, **kw: object) -> TrainConfig:
     return TrainConfig(
         model="mmocgan",
         dataset="clusters",
         epochs=epochs,
         out=out,
         device="cpu",
-        hparams=dict(HPARAMS),
+        hparams=dict(HPARAMS if hparams is None else hparams),
         **kw,
     )
 
@@ -310,3 +313,19 @@ def test_cli_evaluate_of_a_multimodal_image_run_draws_its_modes(tmp_path: Path, 
     assert modes, files
     with Image.open(modes[0]) as picture:
         assert picture.format == "PNG"
+
+
+def test_a_small_table_trains_at_least_min_steps_updates(tmp_path: Path) -> None:
+    """1,000 rows in batches of 50 are 20 updates an epoch: the default 2 epochs (here) are
+    stretched to 5 to reach min_steps=100, while an explicit --epochs is taken as given."""
+    hparams = {**HPARAMS, "epochs": 2, "min_steps": 100}
+
+    def run(out: str, epochs: int | None) -> int:
+        cfg = TrainConfig(
+            model="mmocgan", dataset="clusters", epochs=epochs, out=tmp_path / out,
+            device="cpu", hparams=hparams,
+        )  # fmt: skip
+        return load_run(train(cfg, splits(), progress=False))[1].epochs_done
+
+    assert run("default", None) == 5
+    assert run("given", 2) == 2

@@ -38,6 +38,9 @@ def knn_model(arch: str, **extra):
     h = {"latent_dim": 8, "score_method": "knn", "knn_max_reference": 20, **extra}
     if "memory_units" in default_hparams(arch, TABULAR):
         h["memory_units"] = 10
+    if not any(isinstance(m, MlpEncoder) for m in build_model(arch, TABULAR, **h).modules()):
+        # No encoder: codes are D's last hidden features, 8 wide like everyone's codes.
+        h["d_hidden"] = [16, 8]
     model = build_model(arch, TABULAR, **h)
     for _ in range(2):
         model.training_step(torch.rand(8, 13, generator=torch.Generator().manual_seed(1)))
@@ -74,8 +77,10 @@ def test_knn_score_is_the_distance_to_the_nearest_training_code(arch, tmp_path):
         model.score(rows(3, 2))
     distinct = rows(12, 3)
     assert model.fit_score(torch.cat([distinct, distinct, distinct[:4]]))
-    # Duplicates are encoded once; every distinct row is kept under the cap.
-    assert model.nearest.codes.shape == (12, 8)
+    # Duplicates are encoded once; every distinct row is kept under the cap. A code is
+    # the latent code (8 here) or, for a model without an encoder, its features.
+    width = model.code(distinct[:1]).shape[1]
+    assert model.nearest.codes.shape == (12, width)
     x = rows(7, 4)
     with torch.no_grad():
         score = model.score(x)[0]
@@ -93,7 +98,7 @@ def test_knn_score_is_the_distance_to_the_nearest_training_code(arch, tmp_path):
     capped = build_model(arch, TABULAR, **{**model.hparams, "knn_max_reference": 5})
     capped.load_state_dict(model.state_dict())
     capped.fit_score(distinct)
-    assert capped.nearest.codes.shape == (5, 8)
+    assert capped.nearest.codes.shape == (5, width)
 
 
 def adversarial_references(z: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -117,6 +122,22 @@ def adversarial_references(z: torch.Tensor) -> tuple[torch.Tensor, float]:
     return torch.stack(refs)[torch.randperm(len(refs), generator=g)].float(), radius
 
 
+def last_linear_of_code(model) -> torch.nn.Linear:
+    ran: list[torch.nn.Linear] = []
+    hooks = [
+        m.register_forward_hook(lambda m, *_: ran.append(m))
+        for m in model.modules()
+        if isinstance(m, torch.nn.Linear)
+    ]
+    with torch.no_grad():
+        width = model.code(rows(2, 0)).shape[1]
+    for h in hooks:
+        h.remove()
+    heads = [m for m in ran if m.out_features == width]
+    assert heads
+    return heads[-1]
+
+
 @pytest.mark.parametrize("arch", KNN_ARCHITECTURES)
 def test_graph_and_pytorch_agree_on_near_ties_far_from_the_origin(arch, tmp_path):
     """`far` shifts every code (an encoder whose codes sit far from the origin): the
@@ -126,13 +147,14 @@ def test_graph_and_pytorch_agree_on_near_ties_far_from_the_origin(arch, tmp_path
     model = knn_model(arch)
     model.fit_score(rows(30, 6))
     head = model.nearest
-    # The code comes out of an encoder's last layer: every encoder's, whichever `code` uses.
+    # The code comes out of an encoder's last layer: every encoder's, whichever `code` uses;
+    # a model without an encoder codes by its discriminator's features, the last linear
+    # layer `code` runs.
     encoder_heads = [
         m.head
         for m in model.modules()
         if isinstance(m, MlpEncoder) and m.head.out_features == model.hparams["latent_dim"]
-    ]
-    assert encoder_heads
+    ] or [last_linear_of_code(model)]
     with torch.no_grad():  # spread the codes apart, then move them all `far` out
         for encoder_head in encoder_heads:
             encoder_head.weight *= 100.0

@@ -5,6 +5,7 @@ only (never on test labels)."""
 from __future__ import annotations
 
 import json
+import math
 import random
 import resource
 import subprocess
@@ -372,6 +373,12 @@ def _train(
         model.fit_input_space(train_x)
     val_x = torch.as_tensor(splits.val, dtype=torch.float32, device=device)
     epochs = h["epochs"]
+    if h.get("min_steps") and cfg.epochs is None:
+        # A model that declares `min_steps` trains at least that many batches whatever the
+        # table's size: its default epochs are meant for thousands of rows, and on a few
+        # hundred they are a few dozen updates. An explicit --epochs is taken as given.
+        per_epoch = math.ceil(len(train_x) / h["batch_size"])
+        epochs = max(epochs, math.ceil(h["min_steps"] / per_epoch))
     budget = None if cfg.time_budget is None else cfg.time_budget * 60.0
     if budget is not None and cfg.epochs is None:
         epochs = sys.maxsize  # the budget alone decides; the default schedule does not cap it
