@@ -43,6 +43,12 @@ CANDIDATES: dict[str, dict[str, dict]] = {
         "rec": {"score_method": "izi_f", "kappa": 0.0},
         "knn": {"score_method": "knn"},
     },
+    # MMOC-GAN: the paper's discriminator probability and the nearest training normal in
+    # the discriminator's features.
+    "mmocgan": {
+        "discriminator": {"score_method": "discriminator"},
+        "knn": {"score_method": "knn"},
+    },
     "memgan": {
         "reconstruction": {"score_method": "reconstruction"},
         "memory": {"score_method": "memory"},

@@ -31,7 +31,9 @@ def test_every_shipped_model_is_valid_and_small():
     # Old versions stay beside new ones for clients that pin them; the nearest-code
     # models carry their training normals' codes (mnist-egbad/2: 4.3 MB of them), and the
     # MNIST models with anomaly maps are whole copies of the versions they derive from.
-    assert total < 56 * 1024 * 1024
+    # MMOC-GAN's nearest-code reference is its discriminator's 128 features per distinct
+    # training row (kdd-mmocgan: 17 MB). Ten models in up to four versions: 112 MiB.
+    assert total < 112 * 1024 * 1024
 
 
 @pytest.mark.parametrize(
@@ -74,7 +76,9 @@ def test_the_mnist_models_have_anomaly_maps_in_their_latest_version():
     for p in SHIPPED:
         latest[p.parent.name] = max(latest.get(p.parent.name, 0), int(p.name))
     for name, version in latest.items():
-        assert Manifest.load(MODELS / name / str(version)).has_anomaly_map == ("mnist" in name)
+        manifest = Manifest.load(MODELS / name / str(version))
+        # Every image model that reconstructs (MMOC-GAN does not: no residual to map).
+        assert manifest.has_anomaly_map == ("mnist" in name and manifest.has_reconstruction)
     assert [f"{p.parent.name}/{p.name}" for p in DERIVED] == [
         "mnist-egbad/3",
         "mnist-ganomaly/2",
