@@ -133,11 +133,10 @@ class MMOCGANTabular(_Complementary):
 class MMOCGANImage(ImageHparams, _Complementary):
     """DCGAN-style conv D and G (the shared blocks), the same losses; a smaller density
     reference, since each of its rows is a whole image. Images score by the nearest code
-    in D's features too: on the development split (MNIST digits 5-9 normal, seed 5) D's
-    probability ranked at 0.51 and 0.57 AUROC after epochs 1 and 2, the nearest code at
-    0.85 and 0.84 on the same weights (benchmarks/notes.md). D's features are 2,048 wide
-    on 32x32 images, so the reference keeps 2,048 training normals (16 MB in the exported
-    graph) instead of every one."""
+    in D's features too: on the development split D's probability ranked near chance (it
+    saturates), the nearest code well above it (benchmarks/notes.md). D's features are
+    2,048 wide on 32x32 images, so the reference keeps 2,048 training normals (16 MB in
+    the exported graph) instead of every one."""
 
     knn_max_reference: int = 2048
     batch_size: int = 64
