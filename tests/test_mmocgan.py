@@ -81,14 +81,14 @@ def splits() -> Splits:
     )
 
 
-def config(out: Path, epochs: int, hparams: dict | None = None, **kw: object) -> TrainConfig:
+def config(out: Path, epochs: int, **kw: object) -> TrainConfig:
     return TrainConfig(
         model="mmocgan",
         dataset="clusters",
         epochs=epochs,
         out=out,
         device="cpu",
-        hparams=dict(HPARAMS if hparams is None else hparams),
+        hparams=dict(HPARAMS),
         **kw,
     )
 
