@@ -94,12 +94,15 @@ def latest_dir(models_dir: Path, name: str) -> Path:
 
 
 def raw_onnx_runtime(model_dir: Path, providers: str, seconds: float) -> dict[str, Any]:
-    """Images/s of the very session the service builds, at batch 1, 32 and 64."""
+    """Images/s of the session the service builds, at batch 1, 32 and 64, with ONNX Runtime's
+    intra-op pool on every CPU (the fastest setting for one session alone): the yardstick
+    stays the same whatever thread setting the server under test uses."""
     from service.providers import create_session
-    from service.settings import Settings
+    from service.settings import Settings, available_cpus
 
     shape = Manifest.load(model_dir).input.shape
-    session, provider = create_session(model_dir / MODEL_FILE, Settings(providers=providers), shape)
+    settings = Settings(providers=providers, intra_op_threads=available_cpus())
+    session, provider = create_session(model_dir / MODEL_FILE, settings, shape)
     out: dict[str, Any] = {"provider": provider}
     rng = np.random.default_rng(0)
     for batch in (1, 32, 64):
@@ -398,7 +401,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         one = {"model": name, "inputs": [{"image": image}]}
         many = {"model": name, "inputs": [{"image": image}] * 64}
         v2_body = v2_binary_body(manifest.input.shape)
-        common = {"providers": args.providers, "max_queue_items": 8192}
+        common = {"providers": args.providers, "max_queue_items": 8192, **args.setting}
         delay = args.max_batch_delay_ms
         secs, conns = args.seconds, args.connections
         runs: dict[str, Any] = {}
@@ -505,6 +508,7 @@ def summarise(
             "max_batch_delay_ms": args.max_batch_delay_ms,
             "providers": args.providers,
             "quick": args.quick,
+            "server_settings": args.setting,
         },
         "raw_onnx_runtime": raw,
         "p99_limit_ms": round(p99_limit, 2),
@@ -624,7 +628,18 @@ def main() -> int:
         help="for A/B runs: 5 s runs, 2 s of raw ORT, and only the batched JSON and v2 "
         "binary runs (the ratios to raw ORT); writes no results file unless --out is given",
     )
+    parser.add_argument(
+        "--setting",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a service setting for the servers under test only (GANSENTRY_KEY), for A/B runs",
+    )
     args = parser.parse_args()
+    try:
+        args.setting = dict(kv.split("=", 1) for kv in args.setting)
+    except ValueError:
+        parser.error("--setting takes KEY=VALUE")
     if shutil.which("wrk") is None:
         parser.error("wrk is not on the PATH (Debian: apt-get install wrk)")
     if args.quick:
