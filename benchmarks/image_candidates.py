@@ -44,10 +44,13 @@ CANDIDATES: dict[str, dict[str, dict]] = {
         "knn": {"score_method": "knn"},
     },
     # MMOC-GAN: the paper's discriminator probability and the nearest training normal in
-    # the discriminator's features.
+    # the discriminator's features: in their first 64 principal axes against every
+    # training normal (the default), whole against every normal, and whole against 2,048.
     "mmocgan": {
         "discriminator": {"score_method": "discriminator"},
         "knn": {"score_method": "knn"},
+        "knn-whole": {"score_method": "knn", "knn_components": 0},
+        "knn-whole-2048": {"score_method": "knn", "knn_components": 0, "knn_max_reference": 2048},
     },
     "memgan": {
         "reconstruction": {"score_method": "reconstruction"},

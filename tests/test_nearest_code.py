@@ -194,3 +194,76 @@ def test_egbad_runs_from_before_the_shared_block_still_load():
     x = rows(7, 4)
     with torch.no_grad():
         torch.testing.assert_close(old.eval().score(x)[0], model.score(x)[0], atol=1e-5, rtol=0)
+
+
+def _low_rank_codes(n: int, rank: int, dim: int, seed: int) -> torch.Tensor:
+    """Codes whose variation lies in a `rank`-dimensional subspace of R^dim, off the origin."""
+    g = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(rank, dim, generator=g)
+    return torch.randn(n, rank, generator=g) @ mixing + 3.0
+
+
+def test_principal_axes_keep_the_distances_of_codes_in_their_span():
+    """With `components`, codes are compared in the reference codes' first principal axes:
+    where every code lies in that span (here: references and queries from a 3-dimensional
+    affine subspace of 12 dimensions), the distances are the full ones."""
+    refs = _low_rank_codes(40, 3, 12, 0)
+    t = torch.rand(9, 1, generator=torch.Generator().manual_seed(1))
+    queries = refs[:9] + 0.1 * t * (refs[9:18] - refs[:9])  # in the same affine span
+    block = NearestCode(12, components=3)
+    block.fit(refs, lambda r: r, 100)
+    assert block.codes.shape == (40, 3) and block.basis.shape == (12, 3)
+    torch.testing.assert_close(block.basis.T @ block.basis, torch.eye(3), atol=1e-5, rtol=0)
+    expected = torch.cdist(queries.double(), refs.double()).min(dim=1).values.float()
+    torch.testing.assert_close(block(queries), expected, atol=1e-4, rtol=1e-4)
+
+
+# Architectures whose knn score can compare codes in principal axes.
+PROJECTING = [a for a in KNN_ARCHITECTURES if "knn_components" in default_hparams(a, TABULAR)]
+
+
+@pytest.mark.parametrize("arch", PROJECTING)
+def test_projected_codes_travel_in_checkpoints_and_the_exported_graph(arch, tmp_path):
+    model = knn_model(arch, knn_components=3)
+    model.fit_score(rows(30, 6))
+    head = model.nearest
+    assert head.codes.shape == (20, 3) and head.basis.shape[1] == 3  # 20: knn_model's cap
+    x = rows(7, 4)
+    with torch.no_grad():
+        score = model.score(x)[0]
+        projected = (model.code(x) - head.centre) @ head.basis
+    expected = torch.cdist(projected, head.codes).min(dim=1).values
+    torch.testing.assert_close(score, expected, rtol=1e-4, atol=1e-4)
+    copy = build_model(arch, TABULAR, **model.hparams)
+    copy.load_state_dict(model.state_dict())
+    torch.testing.assert_close(copy.eval().score(x)[0], score)
+    served, pt = graph_scores(model, x, tmp_path / "m.onnx")
+    np.testing.assert_allclose(served, pt, rtol=1e-5, atol=1e-5)
+
+
+def test_principal_axes_rank_by_the_directions_the_references_vary_in():
+    """Off the span, only the first axes count: a query moved along the references' main
+    direction is far, one moved as far across it (an axis they do not vary in) is not."""
+    g = torch.Generator().manual_seed(2)
+    refs = torch.zeros(50, 4)
+    refs[:, 0] = torch.linspace(-10.0, 10.0, 50)  # the main axis
+    refs[:, 1] = 0.01 * torch.randn(50, generator=g)
+    block = NearestCode(4, components=1)
+    block.fit(refs, lambda r: r, 100)
+    along = torch.tensor([[25.0, 0.0, 0.0, 0.0]])
+    across = torch.tensor([[0.0, 0.0, 15.0, 0.0]])
+    assert float(block(along)) == pytest.approx(15.0, abs=1e-3)
+    assert float(block(across)) < 0.5
+    # Without components the block compares whole codes, and both are far.
+    full = NearestCode(4)
+    full.fit(refs, lambda r: r, 100)
+    assert float(full(across)) == pytest.approx(15.0, abs=0.01)
+
+
+def test_a_checkpoint_of_a_projected_reference_loads_into_a_fresh_block():
+    block = NearestCode(12, components=3)
+    block.fit(_low_rank_codes(40, 3, 12, 3), lambda r: r, 100)
+    copy = NearestCode(12, components=3)
+    copy.load_state_dict(block.state_dict())
+    x = _low_rank_codes(5, 3, 12, 4)
+    torch.testing.assert_close(copy(x), block(x))

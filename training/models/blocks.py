@@ -185,11 +185,18 @@ class NearestCode(nn.Module):
 
     CANDIDATES = 8
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, components: int = 0):
+        """`components` (0 < components < dim): compare codes in the span of the reference
+        codes' first principal axes, fitted on the reference codes. For wide codes: the
+        graph then holds a [dim, components] basis and every training normal at
+        `components` floats, where the full codes would cost `dim` floats each."""
         super().__init__()
+        self.components = components if 0 < components < dim else 0
         self.register_buffer("centre", torch.zeros(dim))
+        if self.components:
+            self.register_buffer("basis", torch.zeros(dim, self.components))
         # Its length is the reference set's, so loading a state dict resizes it.
-        self.register_buffer("codes", torch.zeros(0, dim))
+        self.register_buffer("codes", torch.zeros(0, self.components or dim))
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object) -> None:
         codes = state_dict.get(prefix + "codes")
@@ -222,13 +229,23 @@ class NearestCode(nn.Module):
             [encode(distinct[i : i + batch_size]) for i in range(0, len(distinct), batch_size)]
         ).float()
         self.centre = codes.mean(dim=0)
-        self.codes = codes - self.centre
+        centred = codes - self.centre
+        if self.components:
+            # Principal axes: eigenvectors of the covariance, largest eigenvalues first
+            # (in float64: the covariance of wide float32 codes is ill-conditioned).
+            cov = centred.double().T @ centred.double() / max(len(centred) - 1, 1)
+            axes = torch.linalg.eigh(cov).eigenvectors[:, -self.components :].flip(1)
+            self.basis = axes.float().contiguous()
+            centred = centred @ self.basis
+        self.codes = centred
 
     def forward(self, z: Tensor) -> Tensor:
         """z [N, dim] -> distance to the nearest reference code [N]."""
         if not self.fitted:
             raise RuntimeError("score_method 'knn' needs fit_score(training normals) first")
         zc, ref = z - self.centre, self.codes
+        if self.components:
+            zc = zc @ self.basis
         # |r|^2 - 2 z.r ranks the references as ||z - r||^2 does (|z|^2 is the same for
         # every r), in one fused product.
         rank = torch.addmm(ref.pow(2).sum(1), zc, ref.T, alpha=-2.0)
