@@ -79,7 +79,8 @@ class _Complementary(Hparams):
     # (`NearestCode`).
     score_method: ScoreMethod = "knn"
     knn_max_reference: int = 50_000
-    # 0: compare D's features whole; k: in their first k principal axes (`NearestCode`).
+    # 0 (or at least their width): compare D's features whole; k: in their first k
+    # principal axes (`NearestCode`).
     knn_components: int = Field(0, ge=0)
 
     @field_validator("modes")
