@@ -267,3 +267,20 @@ def test_a_checkpoint_of_a_projected_reference_loads_into_a_fresh_block():
     copy.load_state_dict(block.state_dict())
     x = _low_rank_codes(5, 3, 12, 4)
     torch.testing.assert_close(copy(x), block(x))
+
+
+def test_a_checkpoint_taken_before_fitting_resumes_with_a_projection():
+    """Training checkpoints hold an unfitted reference: one saved without a projection
+    loads into a block with one (the projection is fitted with the reference, later)."""
+    before = NearestCode(12).state_dict()
+    block = NearestCode(12, components=3)
+    block.load_state_dict(before)
+    assert not block.fitted
+    refs = _low_rank_codes(40, 3, 12, 5)
+    block.fit(refs, lambda r: r, 100)
+    assert block.codes.shape == (40, 3)
+    torch.testing.assert_close(block(refs[:4]), torch.zeros(4), atol=1e-3, rtol=0)
+    fitted = NearestCode(12)
+    fitted.fit(refs, lambda r: r, 100)
+    with pytest.raises(RuntimeError, match="basis"):
+        block.load_state_dict(fitted.state_dict())  # a fitted reference without its axes

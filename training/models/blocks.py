@@ -202,6 +202,10 @@ class NearestCode(nn.Module):
         codes = state_dict.get(prefix + "codes")
         if codes is not None:
             self.codes = torch.empty_like(codes, device=self.codes.device)
+            if self.components and len(codes) == 0 and prefix + "basis" not in state_dict:
+                # A checkpoint taken before the reference was fitted (every training
+                # checkpoint) holds nothing to project: it resumes whatever the projection.
+                state_dict[prefix + "basis"] = torch.zeros_like(self.basis)
         super()._load_from_state_dict(state_dict, prefix, *args)  # type: ignore[arg-type]
 
     @property
