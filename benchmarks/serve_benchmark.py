@@ -110,15 +110,19 @@ def raw_onnx_runtime(model_dir: Path, providers: str, seconds: float) -> dict[st
         for _ in range(3):
             session.run(None, {"x": x})
         times: list[float] = []
+        cpu0 = time.process_time()  # every thread of this process: ORT's pool included
         end = time.perf_counter() + seconds
         while time.perf_counter() < end:
             t = time.perf_counter()
             session.run(None, {"x": x})
             times.append(time.perf_counter() - t)
+        cpu = time.process_time() - cpu0
         out[f"batch_{batch}"] = {
             "images_per_s": round(batch * len(times) / sum(times), 1),
             "median_batch_ms": round(statistics.median(times) * 1000, 3),
             "runs": len(times),
+            # What one image costs the CPUs, which a server pays on top of its own work.
+            "cpu_ms_per_image": round(1000 * cpu / (batch * len(times)), 3),
         }
     return out
 
