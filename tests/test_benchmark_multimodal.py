@@ -164,6 +164,16 @@ def test_report_renders_the_multimodal_table(bench):
     # Multi-digit rows stay out of the per-digit table; they get their own timing line.
     per_digit = lines[lines.index("### mnist one-class-normal: AUROC per normal class") :]
     assert next(x for x in per_digit if x.startswith("| mmocgan")).count("0.950") == 2
-    assert "| mnist-multimodal | mmocgan | 4 | 15 |" in text
-    assert "| mnist | mmocgan | 1 | 15 |" in text
+    assert "| mnist-multimodal | mmocgan | 2-core CPU | 4 | 15 |" in text
+    assert "| mnist | mmocgan | 2-core CPU | 1 | 15 |" in text
     assert "gen-multimodal" in text and "0.940 (1)" in text
+
+
+def test_gpu_rows_get_their_own_time_line(bench):
+    """A row trained on a GPU counts in the accuracy tables like any run of the same
+    settings, but its seconds are not the 2-core budget: the time table keeps it apart."""
+    gpu = {**_row("mmocgan", "0,1,2,3,4", 1, 0.90), "device": "NVIDIA H200", "train_seconds": 1.0}
+    text = bench.report([_row("mmocgan", "0,1,2,3,4", 0, 0.80), gpu])
+    assert "| mmocgan | 0.850 ± 0.071 (2) |" in text
+    assert "| mnist-multimodal | mmocgan | 2-core CPU | 1 | 15 | 10 | 10-10 | 300 |" in text
+    assert "| mnist-multimodal | mmocgan | NVIDIA H200 | 1 | 15 | 1 | 1-1 | 300 |" in text
