@@ -10,7 +10,7 @@ import torch
 
 from gansentry.manifest import ImageInput, TabularInput
 from training.models import ARCHITECTURES, build_model, default_hparams
-from training.models.registry import hparams_class, lookup
+from training.models.registry import hparams_class, lookup, resolve
 from training.onnx_export import export_onnx
 
 IMAGE = ImageInput(channels=1, height=32, width=32)
@@ -211,22 +211,50 @@ def test_contrast_normalisation_is_off_by_default():
     )
 
 
-def test_ganomaly_feature_mahalanobis_score_is_fitted_on_normals_and_exported(tmp_path):
+def _takes_feature_score(arch: str) -> bool:
+    try:
+        resolve(arch, RGB28, {"score_method": "feature-mahalanobis"})
+    except ValueError:
+        return False
+    return True
+
+
+# Every registered architecture that offers the fitted feature-Gaussian score.
+FEATURE_SCORED = [a for a in ARCHITECTURES if _takes_feature_score(a)]
+
+
+def test_the_feature_score_is_offered_beyond_ganomaly():
+    # One shared implementation (AnomalyGAN.feature_score), several encoders.
+    assert len(FEATURE_SCORED) >= 3
+
+
+@pytest.mark.parametrize("contrast_norm", [False, True])
+@pytest.mark.parametrize("arch", FEATURE_SCORED)
+def test_feature_mahalanobis_score_is_fitted_on_normals_and_exported(arch, contrast_norm, tmp_path):
     torch.manual_seed(0)
     model = build_model(
-        "ganomaly", RGB28, score_method="feature-mahalanobis", **small("ganomaly", RGB28)
+        arch,
+        RGB28,
+        score_method="feature-mahalanobis",
+        contrast_norm=contrast_norm,
+        **small(arch, RGB28),
     )
     g = torch.Generator().manual_seed(3)
     normal = 0.5 + 0.05 * torch.randn(64, *RGB28.shape, generator=g)
+    model.fit_input_space(normal)
     model.training_step(normal[:16])
     model.eval()
+    assert model.score_is_fitted
     model.fit_score(normal)
     with torch.no_grad():
-        feats = model.enc1(model.to_model_space(normal))[1]
+        feats = model.features(normal)
         torch.testing.assert_close(model.feature_mean, feats.mean(dim=0), rtol=1e-4, atol=1e-5)
         # Whitened training features have unit variance along the well-populated directions.
         whitened = (feats - model.feature_mean) @ model.feature_whitening
         assert whitened.var(dim=0).max().item() <= 1.0 + 1e-3
+        if contrast_norm:  # the removed statistics get their own Gaussian
+            stats = model.image_statistics(normal)
+            torch.testing.assert_close(model.stats_mean, stats.mean(dim=0), rtol=1e-4, atol=1e-5)
         normal_scores, _ = model.score(normal[:8])
         odd_scores, _ = model.score(torch.rand(8, *RGB28.shape, generator=g))
     assert odd_scores.min() > normal_scores.max()

@@ -169,21 +169,65 @@ class AnomalyGAN(nn.Module, ABC):
         """x in the contract range -> the latent code [N, latent_dim] that the `knn` score
         compares with the training normals' codes (eval mode)."""
 
+    def features(self, x: Tensor) -> Tensor:
+        """x in the contract range -> the encoder's last hidden features [N, d] that the
+        `feature-mahalanobis` score models (eval mode). Only models that offer that score
+        method implement it."""
+        raise NotImplementedError(f"{self.arch} has no feature-mahalanobis score")
+
     @property
     def knn_scored(self) -> bool:
         return self.hparams.get("score_method") == "knn"
 
+    @property
+    def feature_scored(self) -> bool:
+        return self.hparams.get("score_method") == "feature-mahalanobis"
+
+    def _init_feature_gaussian(self, dim: int) -> None:
+        """Buffers of the `feature-mahalanobis` score, for models that offer it: call once
+        the encoder exists (`dim`: its feature width). They travel in checkpoints and in
+        the exported graph (two MatMuls)."""
+        if not self.feature_scored:
+            return
+        self.register_buffer("feature_mean", torch.zeros(dim))
+        self.register_buffer("feature_whitening", torch.eye(dim))
+        if self.contrast_normalised:
+            channels = self.spec.channels  # type: ignore[union-attr]
+            self.register_buffer("stats_mean", torch.zeros(channels + 1))
+            self.register_buffer("stats_whitening", torch.eye(channels + 1))
+
+    def feature_score(self, x: Tensor, features: Tensor) -> Tensor:
+        """`feature-mahalanobis` (the CIFAR-10 recipe, with contrast_norm): the squared
+        whitened distance of the encoder's features from their training-normal Gaussian,
+        per dimension. With contrast normalisation, plus the same for the image statistics
+        it removed (channel means, log contrast), so exposure and colour cast still count,
+        weighted like the features rather than drowned by their dimensions."""
+        score = ((features - self.feature_mean) @ self.feature_whitening).pow(2).mean(dim=1)
+        if self.contrast_normalised:
+            s = (self.image_statistics(x) - self.stats_mean) @ self.stats_whitening
+            score = score + s.pow(2).mean(dim=1)
+        return score
+
     @torch.no_grad()
-    def fit_score(self, train_x: Tensor) -> bool:
+    def fit_score(self, train_x: Tensor, batch_size: int = 512) -> bool:
         """Fit whatever the score needs from the training normals, once the checkpoint is
         chosen and before the threshold is calibrated; True if anything was fitted. The
-        `knn` score encodes the distinct training normals (`NearestCode`); most other
-        scores need nothing."""
-        if not self.knn_scored:
+        `knn` score encodes the distinct training normals (`NearestCode`), the
+        `feature-mahalanobis` score fits its Gaussians; most other scores need nothing."""
+        if not (self.knn_scored or self.feature_scored):
             return False
         was_training = self.training
         self.eval()
-        self.nearest.fit(train_x, self.code, self.hparams["knn_max_reference"])
+        if self.knn_scored:
+            self.nearest.fit(train_x, self.code, self.hparams["knn_max_reference"])
+        else:
+            batches = range(0, len(train_x), batch_size)
+            feats = torch.cat([self.features(train_x[i : i + batch_size]) for i in batches])
+            shrinkage = self.hparams["feature_shrinkage"]
+            fit_gaussian(feats, shrinkage, self.feature_mean, self.feature_whitening)
+            if self.contrast_normalised:
+                stats = self.image_statistics(train_x)
+                fit_gaussian(stats, shrinkage, self.stats_mean, self.stats_whitening)
         self.train(was_training)
         return True
 
@@ -191,7 +235,7 @@ class AnomalyGAN(nn.Module, ABC):
     def score_is_fitted(self) -> bool:
         """True if `score` depends on `fit_score`: before it, the score means nothing (or
         cannot be computed), so training does not log it per epoch."""
-        return self.knn_scored
+        return self.knn_scored or self.feature_scored
 
     def selection_metric(self, x: Tensor) -> Tensor:
         """Per-sample label-free quantity on validation normals; the epoch with the lowest
@@ -227,3 +271,14 @@ def bce(logits: Tensor, target: float) -> Tensor:
 
 def flat(t: Tensor) -> Tensor:
     return t.flatten(1)
+
+
+def fit_gaussian(samples: Tensor, shrinkage: float, mean: Tensor, whitening: Tensor) -> None:
+    """Fill `mean` and `whitening` (W with W^T cov W = I) in place. The covariance is shrunk
+    towards its mean variance, so directions the normals never vary in do not dominate."""
+    x = samples.double()
+    mu = x.mean(dim=0)
+    eigvals, eigvecs = torch.linalg.eigh(torch.cov((x - mu).t()))
+    eigvals = eigvals.clamp_min(0)
+    mean.copy_(mu.float())
+    whitening.copy_((eigvecs / (eigvals + shrinkage * eigvals.mean()).sqrt()).float())

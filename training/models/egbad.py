@@ -17,12 +17,12 @@ from torch import Tensor, nn
 from training.models.base import AnomalyGAN, InputSpec, bce
 from training.models.bigan import build_bigan
 from training.models.blocks import init_weights
-from training.models.registry import Hparams, ImageHparams, register
+from training.models.registry import FeatureGaussianHparams, Hparams, ImageHparams, register
 
-ScoreMethod = Literal["fm", "cross-e", "latent", "knn"]
+ScoreMethod = Literal["fm", "cross-e", "latent", "knn", "feature-mahalanobis"]
 
 
-class _BiGAN(Hparams):
+class _BiGAN(Hparams, FeatureGaussianHparams):
     # D learns at a tenth of the lr: at the full lr D wins and the reconstructions collapse.
     d_lr_scale: float = 0.1
     score_weight: float = 0.1
@@ -104,6 +104,7 @@ class EGBAD(AnomalyGAN):
             ema.load_state_dict(live.state_dict())
             ema.requires_grad_(False)
         self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
+        self._init_feature_gaussian(self.ema_enc.feature_dim)
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
         # Runs trained before the shared nearest-code block stored uncentred codes here.
@@ -176,12 +177,17 @@ class EGBAD(AnomalyGAN):
         # The EMA encoder, which every EGBAD score uses.
         return self.ema_enc(self.to_model_space(x))[0]
 
+    def features(self, x: Tensor) -> Tensor:
+        return self.ema_enc(self.to_model_space(x))[1]
+
     def score(self, x: Tensor) -> tuple[Tensor, Tensor]:
         w = self.hparams["score_weight"]
         xm = self.to_model_space(x)
         z, x_rec = self._reconstruct(xm)
         if self.hparams["score_method"] == "knn":
             return self.nearest(z), self.from_model_space(x_rec, x)
+        if self.feature_scored:
+            return self.feature_score(x, self.ema_enc(xm)[1]), self.from_model_space(x_rec, x)
         if self.hparams["score_method"] == "latent":
             # On KDD the data-space error is mostly one-hot mismatches, which rare attack
             # types share with normal traffic; the code's round trip tells them apart.

@@ -28,14 +28,20 @@ from training.models.blocks import (
     init_weights,
     mlp,
 )
-from training.models.registry import ImageHparams, Phase, PhasedHparams, register
+from training.models.registry import (
+    FeatureGaussianHparams,
+    ImageHparams,
+    Phase,
+    PhasedHparams,
+    register,
+)
 
-ScoreMethod = Literal["izi_f", "knn"]
+ScoreMethod = Literal["izi_f", "knn", "feature-mahalanobis"]
 
 PHASES = (Phase("gan", "gan_epochs"), Phase("encoder", "encoder_epochs"))
 
 
-class _FAnoGAN(PhasedHparams):
+class _FAnoGAN(PhasedHparams, FeatureGaussianHparams):
     """WGAN-GP's published settings, which f-AnoGAN trains with: Adam lr 1e-4 with betas
     (0.0, 0.9), not the (0.5, 0.9) many re-implementations use; five critic updates per
     generator update; gradient penalty weight 10. The encoder phase uses the same Adam
@@ -107,6 +113,7 @@ class FAnoGAN(AnomalyGAN):
         # Counts critic updates across epochs, so the generator's turn (every n_critic-th
         # step) survives a resume.
         self.register_buffer("critic_steps", torch.zeros((), dtype=torch.long))
+        self._init_feature_gaussian(self.enc.feature_dim)  # type: ignore[arg-type]
         self.start_phase(PHASES[0].name)
 
     def _make_optimizers(self) -> dict[str, torch.optim.Optimizer]:
@@ -191,11 +198,15 @@ class FAnoGAN(AnomalyGAN):
     def code(self, x: Tensor) -> Tensor:
         return self.enc(self.to_model_space(x))[0]
 
+    def features(self, x: Tensor) -> Tensor:
+        return self.enc(self.to_model_space(x))[1]
+
     def score(self, x: Tensor) -> tuple[Tensor, Tensor]:
         xm = self.to_model_space(x)
-        if self.knn_scored:
-            z = self.enc(xm)[0]
-            return self.nearest(z), self.from_model_space(self.gen(z), x)
+        if self.knn_scored or self.feature_scored:
+            z, features = self.enc(xm)
+            score = self.nearest(z) if self.knn_scored else self.feature_score(x, features)
+            return score, self.from_model_space(self.gen(z), x)
         score, rec = self._izi_f(xm)
         return score, self.from_model_space(rec, x)
 

@@ -20,20 +20,19 @@ from training.models.blocks import (
     init_weights,
     mlp,
 )
-from training.models.registry import Hparams, ImageHparams, register
+from training.models.registry import FeatureGaussianHparams, Hparams, ImageHparams, register
 
 D_COLLAPSE = 1e-5
 ScoreMethod = Literal["latent", "feature-mahalanobis", "reconstruction", "knn"]
 
 
-class _Shared(Hparams):
+class _Shared(Hparams, FeatureGaussianHparams):
     """Both input kinds: the paper's generator loss weights (the reconstruction term
     dominates) and the fitted scores' settings."""
 
     w_adv: float = 1.0
     w_con: float = 50.0
     w_enc: float = 1.0
-    feature_shrinkage: float = 1e-3
     knn_max_reference: int = 50_000
 
 
@@ -62,7 +61,6 @@ class GANomaly(AnomalyGAN):
 
     def __init__(self, spec: InputSpec, **hparams: Any):
         super().__init__(spec, hparams)
-        method = hparams["score_method"]
         nz = hparams["latent_dim"]
         if self.is_image:
             c, side, w = spec.channels, image_side(spec), hparams["width"]
@@ -78,13 +76,7 @@ class GANomaly(AnomalyGAN):
             self.disc = MlpEncoder([f, *hparams["disc_hidden"], 1])
         init_weights(self)
         self.register_buffer("d_reinits", torch.zeros((), dtype=torch.long))
-        if method == "feature-mahalanobis":
-            dim = self.enc1.feature_dim
-            self.register_buffer("feature_mean", torch.zeros(dim))
-            self.register_buffer("feature_whitening", torch.eye(dim))
-            if self.contrast_normalised:
-                self.register_buffer("stats_mean", torch.zeros(spec.channels + 1))
-                self.register_buffer("stats_whitening", torch.eye(spec.channels + 1))
+        self._init_feature_gaussian(self.enc1.feature_dim)
 
     def _make_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         gen = [*self.enc1.parameters(), *self.dec.parameters(), *self.enc2.parameters()]
@@ -128,40 +120,11 @@ class GANomaly(AnomalyGAN):
             "enc": l_enc.item(),
         }
 
-    @property
-    def feature_scored(self) -> bool:
-        return self.hparams["score_method"] == "feature-mahalanobis"
-
-    @property
-    def score_is_fitted(self) -> bool:
-        return self.feature_scored or self.knn_scored
-
     def code(self, x: Tensor) -> Tensor:
         return self.enc1(self.to_model_space(x))[0]
 
-    @torch.no_grad()
-    def fit_score(self, train_x: Tensor, batch_size: int = 512) -> bool:
-        """feature-mahalanobis: a Gaussian on the encoder's last hidden layer over the
-        training normals. With contrast normalisation, a second small Gaussian on the image
-        statistics it removed (channel means, log contrast), so exposure and colour cast
-        still count, weighted like the features rather than drowned by their dimensions."""
-        if not self.feature_scored:
-            return super().fit_score(train_x)
-        was_training = self.training
-        self.eval()
-        feats = torch.cat(
-            [
-                self.enc1(self.to_model_space(train_x[i : i + batch_size]))[1]
-                for i in range(0, len(train_x), batch_size)
-            ]
-        )
-        self.train(was_training)
-        shrinkage = self.hparams["feature_shrinkage"]
-        _fit_gaussian(feats, shrinkage, self.feature_mean, self.feature_whitening)
-        if self.contrast_normalised:
-            stats = self.image_statistics(train_x)
-            _fit_gaussian(stats, shrinkage, self.stats_mean, self.stats_whitening)
-        return True
+    def features(self, x: Tensor) -> Tensor:
+        return self.enc1(self.to_model_space(x))[1]
 
     def score(self, x: Tensor) -> tuple[Tensor, Tensor]:
         xm = self.to_model_space(x)
@@ -174,12 +137,7 @@ class GANomaly(AnomalyGAN):
         if method == "reconstruction":
             return (xm - x_hat).abs().flatten(1).mean(dim=1), recon
         if self.feature_scored:
-            d = (features - self.feature_mean) @ self.feature_whitening
-            score = d.pow(2).mean(dim=1)
-            if self.contrast_normalised:
-                s = (self.image_statistics(x) - self.stats_mean) @ self.stats_whitening
-                score = score + s.pow(2).mean(dim=1)
-            return score, recon
+            return self.feature_score(x, features), recon
         return (z - self.enc2(x_hat)[0]).pow(2).mean(dim=1), recon
 
     def selection_metric(self, x: Tensor) -> Tensor:
@@ -187,13 +145,3 @@ class GANomaly(AnomalyGAN):
         _, x_hat, _ = self._generate(self.to_model_space(x))
         return (self.to_model_space(x) - x_hat).abs().flatten(1).mean(dim=1)
 
-
-def _fit_gaussian(samples: Tensor, shrinkage: float, mean: Tensor, whitening: Tensor) -> None:
-    """Fill `mean` and `whitening` (W with W^T cov W = I) in place. The covariance is shrunk
-    towards its mean variance, so directions the normals never vary in do not dominate."""
-    x = samples.double()
-    mu = x.mean(dim=0)
-    eigvals, eigvecs = torch.linalg.eigh(torch.cov((x - mu).t()))
-    eigvals = eigvals.clamp_min(0)
-    mean.copy_(mu.float())
-    whitening.copy_((eigvecs / (eigvals + shrinkage * eigvals.mean()).sqrt()).float())

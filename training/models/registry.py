@@ -61,6 +61,14 @@ class Hparams(BaseModel):
         return value
 
 
+class FeatureGaussianHparams(BaseModel):
+    """The setting of the `feature-mahalanobis` score (`AnomalyGAN.feature_score`), mixed
+    into the defaults of the models that offer it: how far the features' covariance is
+    shrunk towards its mean variance."""
+
+    feature_shrinkage: float = 1e-3
+
+
 class ImageHparams(Hparams):
     """What every image model shares: the conv nets' base width and the optional per-image
     contrast normalisation (`AnomalyGAN.to_model_space`). contrast_norm stays off by
