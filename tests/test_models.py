@@ -10,7 +10,7 @@ import torch
 
 from gansentry.manifest import ImageInput, TabularInput
 from training.models import ARCHITECTURES, build_model, default_hparams
-from training.models.registry import hparams_class, lookup, resolve
+from training.models.registry import hparams_class, lookup, offers_score
 from training.onnx_export import export_onnx
 
 IMAGE = ImageInput(channels=1, height=32, width=32)
@@ -211,16 +211,8 @@ def test_contrast_normalisation_is_off_by_default():
     )
 
 
-def _takes_feature_score(arch: str) -> bool:
-    try:
-        resolve(arch, RGB28, {"score_method": "feature-mahalanobis"})
-    except ValueError:
-        return False
-    return True
-
-
 # Every registered architecture that offers the fitted feature-Gaussian score.
-FEATURE_SCORED = [a for a in ARCHITECTURES if _takes_feature_score(a)]
+FEATURE_SCORED = [a for a in ARCHITECTURES if offers_score(a, RGB28, "feature-mahalanobis")]
 
 
 def test_the_feature_score_is_offered_beyond_ganomaly():

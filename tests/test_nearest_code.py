@@ -15,22 +15,14 @@ from gansentry.contract import INPUT_NAME, SCORE_NAME
 from gansentry.manifest import TabularInput
 from training.models import ARCHITECTURES, build_model, default_hparams
 from training.models.blocks import MlpEncoder, NearestCode
-from training.models.registry import resolve
+from training.models.registry import offers_score
 from training.onnx_export import ParityError, export_onnx
 
 TABULAR = TabularInput(num_features=13, feature_names=[f"f{i}" for i in range(13)])
 
 
-def _takes_knn(arch: str) -> bool:
-    try:
-        resolve(arch, TABULAR, {"score_method": "knn"})
-    except ValueError:
-        return False
-    return True
-
-
 # Every registered architecture that offers the nearest-code score.
-KNN_ARCHITECTURES = [a for a in ARCHITECTURES if _takes_knn(a)]
+KNN_ARCHITECTURES = [a for a in ARCHITECTURES if offers_score(a, TABULAR, "knn")]
 
 
 def knn_model(arch: str, **extra):

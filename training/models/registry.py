@@ -231,3 +231,13 @@ def resolve(
             f"hyperparameter {key}={first.get('input')!r} for {arch} on {spec.kind} input: "
             f"{first['msg']}"
         ) from None
+
+
+def offers_score(arch: str, spec: ImageInput | TabularInput, score_method: str) -> bool:
+    """Whether `arch` accepts `score_method` on `spec`'s kind: the generic tests of a shared
+    score run every architecture for which this holds."""
+    try:
+        resolve(arch, spec, {"score_method": score_method})
+    except ValueError:
+        return False
+    return True
