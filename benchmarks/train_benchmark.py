@@ -194,12 +194,12 @@ def run_one(spec: dict) -> dict:
     extra: dict = {}
     hparams = dict(spec.get("hparams") or {})
     if model in GANS:
+        import torch
+
         from training.runs import load_run, score_array
         from training.train import train
 
         out = RUNS / spec["key"].replace("/", "_")
-        import torch
-
         run_dir = train(gan_config(spec, out, resume=out.exists()), splits=splits, progress=False)
         gpu = torch.cuda.is_available()
         net, info = load_run(run_dir, "cuda" if gpu else "cpu")

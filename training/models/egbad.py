@@ -183,11 +183,12 @@ class EGBAD(AnomalyGAN):
     def score(self, x: Tensor) -> tuple[Tensor, Tensor]:
         w = self.hparams["score_weight"]
         xm = self.to_model_space(x)
-        z, x_rec = self._reconstruct(xm)
+        z, features = self.ema_enc(xm)  # one encoder pass for the code and the features
+        x_rec = self.ema_gen(z)
         if self.hparams["score_method"] == "knn":
             return self.nearest(z), self.from_model_space(x_rec, x)
         if self.feature_scored:
-            return self.feature_score(x, self.ema_enc(xm)[1]), self.from_model_space(x_rec, x)
+            return self.feature_score(x, features), self.from_model_space(x_rec, x)
         if self.hparams["score_method"] == "latent":
             # On KDD the data-space error is mostly one-hot mismatches, which rare attack
             # types share with normal traffic; the code's round trip tells them apart.
