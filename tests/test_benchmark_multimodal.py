@@ -151,6 +151,7 @@ def test_report_renders_the_multimodal_table(bench):
         _row("mmocgan", "5,6,7,8,9", 0, 0.70),
         _row("iforest", "0,1,2,3,4", 0, 0.60),
         _row("mmocgan", "3", 0, 0.95),
+        _row("mmocgan", "3", 5, 0.15),  # development seed: not in the per-digit table
         _row("iforest", "gen-multimodal", 0, 0.94, dataset="tables"),
     ]
     text = bench.report(rows)
@@ -161,11 +162,12 @@ def test_report_renders_the_multimodal_table(bench):
     assert table[1] == "| mmocgan | 0.850 ± 0.071 (2) | 0.700 (1) | 0.950 |"
     assert table[2] == "| iforest | 0.600 (1) | - | - |"
     assert "development seeds (5 and up)" in text
-    # Multi-digit rows stay out of the per-digit table; they get their own timing line.
+    # Multi-digit rows and development seeds stay out of the per-digit table; multi-digit
+    # rows get their own timing line.
     per_digit = lines[lines.index("### mnist one-class-normal: AUROC per normal class") :]
     assert next(x for x in per_digit if x.startswith("| mmocgan")).count("0.950") == 2
     assert "| mnist-multimodal | mmocgan | 2-core CPU | 4 | 15 |" in text
-    assert "| mnist | mmocgan | 2-core CPU | 1 | 15 |" in text
+    assert "| mnist | mmocgan | 2-core CPU | 2 | 15 |" in text
     assert "gen-multimodal" in text and "0.940 (1)" in text
 
 
