@@ -2,7 +2,9 @@
 are projected onto the convex hull of M, P(z) = softmax(z M^T) M; normal data lies inside
 it, anomalies do not and reconstruct poorly, so the paper's score is ||x - G(P(E(x)))||_2
 (`reconstruction`). Alternatives: how far the projection moves the code, ||E(x) - P(E(x))||
-(`memory`), and the distance from E(x) to the nearest code of a training normal (`knn`)."""
+(`memory`), the distance from E(x) to the nearest code of a training normal (`knn`), and
+a Gaussian on the encoder's last hidden features (`feature-mahalanobis`, the natural-photo
+recipe with contrast_norm)."""
 
 from __future__ import annotations
 
@@ -14,12 +16,12 @@ from torch import Tensor, nn
 from training.models.base import AnomalyGAN, InputSpec, bce
 from training.models.bigan import build_bigan
 from training.models.blocks import init_weights
-from training.models.registry import Hparams, ImageHparams, register
+from training.models.registry import FeatureGaussianHparams, Hparams, ImageHparams, register
 
-ScoreMethod = Literal["reconstruction", "memory", "knn"]
+ScoreMethod = Literal["reconstruction", "memory", "knn", "feature-mahalanobis"]
 
 
-class _Memory(Hparams):
+class _Memory(Hparams, FeatureGaussianHparams):
     """The paper's loss weights and uniform Dirichlet prior over the memory units."""
 
     dirichlet_alpha: float = 1.0
@@ -77,6 +79,7 @@ class MEMGAN(AnomalyGAN):
         self.enc, self.gen, self.disc = build_bigan(spec, hparams)
         init_weights(self)
         self.memory = nn.Parameter(torch.randn(hparams["memory_units"], hparams["latent_dim"]))
+        self._init_feature_gaussian(self.enc.feature_dim)
 
     def _make_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         gen = [*self.enc.parameters(), *self.gen.parameters(), self.memory]
@@ -127,15 +130,20 @@ class MEMGAN(AnomalyGAN):
     def code(self, x: Tensor) -> Tensor:
         return self.enc(self.to_model_space(x))[0]
 
+    def features(self, x: Tensor) -> Tensor:
+        return self.enc(self.to_model_space(x))[1]
+
     def score(self, x: Tensor) -> tuple[Tensor, Tensor]:
         xm = self.to_model_space(x)
-        z = self.enc(xm)[0]
+        z, features = self.enc(xm)  # one encoder pass for the code and the features
         z_proj = self.project(z)
         x_rec = self.gen(z_proj)
         recon = self.from_model_space(x_rec, x)
         method = self.hparams["score_method"]
         if method == "knn":
             return self.nearest(z), recon
+        if self.feature_scored:
+            return self.feature_score(x, features), recon
         if method == "memory":
             return (z - z_proj).norm(dim=1), recon
         return (xm - x_rec).flatten(1).norm(dim=1), recon
