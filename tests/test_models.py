@@ -220,15 +220,20 @@ def test_the_feature_score_is_offered_beyond_ganomaly():
     assert len(FEATURE_SCORED) >= 3
 
 
-@pytest.mark.parametrize("contrast_norm", [False, True])
+@pytest.mark.parametrize(
+    ("contrast_norm", "layers"), [(False, "last"), (True, "last"), (True, "all")]
+)
 @pytest.mark.parametrize("arch", FEATURE_SCORED)
-def test_feature_mahalanobis_score_is_fitted_on_normals_and_exported(arch, contrast_norm, tmp_path):
+def test_feature_mahalanobis_score_is_fitted_on_normals_and_exported(
+    arch, contrast_norm, layers, tmp_path
+):
     torch.manual_seed(0)
     model = build_model(
         arch,
         RGB28,
         score_method="feature-mahalanobis",
         contrast_norm=contrast_norm,
+        feature_layers=layers,
         **small(arch, RGB28),
     )
     g = torch.Generator().manual_seed(3)
@@ -239,11 +244,18 @@ def test_feature_mahalanobis_score_is_fitted_on_normals_and_exported(arch, contr
     assert model.score_is_fitted
     model.fit_score(normal)
     with torch.no_grad():
-        feats = model.features(normal)
+        feats, pooled = model.features(normal)
         torch.testing.assert_close(model.feature_mean, feats.mean(dim=0), rtol=1e-4, atol=1e-5)
         # Whitened training features have unit variance along the well-populated directions.
         whitened = (feats - model.feature_mean) @ model.feature_whitening
         assert whitened.var(dim=0).max().item() <= 1.0 + 1e-3
+        # `all`: one Gaussian per convolution of the encoder (28x28 -> 14, 7: two), on its
+        # channel means; `last`: none.
+        assert len(pooled) == model.pooled_layers == (2 if layers == "all" else 0)
+        for i, layer in enumerate(pooled):
+            mean, whitening = model._pooled_gaussian(i)
+            torch.testing.assert_close(mean, layer.mean(dim=0), rtol=1e-4, atol=1e-5)
+            assert ((layer - mean) @ whitening).var(dim=0).max().item() <= 1.0 + 1e-3
         if contrast_norm:  # the removed statistics get their own Gaussian
             stats = model.image_statistics(normal)
             torch.testing.assert_close(model.stats_mean, stats.mean(dim=0), rtol=1e-4, atol=1e-5)
@@ -251,6 +263,42 @@ def test_feature_mahalanobis_score_is_fitted_on_normals_and_exported(arch, contr
         odd_scores, _ = model.score(torch.rand(8, *RGB28.shape, generator=g))
     assert odd_scores.min() > normal_scores.max()
     assert export_onnx(model.scorer(), normal[:5], tmp_path / "m.onnx") <= 1e-4
+
+
+@pytest.mark.parametrize("arch", FEATURE_SCORED)
+def test_pooled_feature_layers_add_to_the_last_layers_score(arch):
+    """`feature_layers=all` scores the last layer's Gaussian plus one per pooled layer; a
+    tabular encoder has no layers to pool, so there both settings score alike."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(3)
+    for spec, expect_pooled in ((RGB28, True), (TABULAR, False)):
+        normal = torch.rand(64, *spec.shape, generator=g)
+        models = {}
+        for layers in ("last", "all"):
+            torch.manual_seed(0)
+            m = build_model(
+                arch,
+                spec,
+                score_method="feature-mahalanobis",
+                feature_layers=layers,
+                **small(arch, spec),
+            )
+            m.fit_input_space(normal)
+            m.eval()
+            m.fit_score(normal)
+            models[layers] = m
+        with torch.no_grad():
+            last, _ = models["last"].score(normal[:8])
+            both, _ = models["all"].score(normal[:8])
+            _, pooled = models["all"].features(normal[:8])
+            extra = sum(
+                ((p - mean) @ w).pow(2).mean(dim=1)
+                for p, (mean, w) in zip(
+                    pooled, map(models["all"]._pooled_gaussian, range(len(pooled))), strict=True
+                )
+            )
+        assert (len(pooled) > 0) == expect_pooled
+        torch.testing.assert_close(both, last + extra if expect_pooled else last)
 
 
 def test_unknown_score_method_is_refused():

@@ -169,11 +169,20 @@ class AnomalyGAN(nn.Module, ABC):
         """x in the contract range -> the latent code [N, latent_dim] that the `knn` score
         compares with the training normals' codes (eval mode)."""
 
-    def features(self, x: Tensor) -> Tensor:
-        """x in the contract range -> the encoder's last hidden features [N, d] that the
-        `feature-mahalanobis` score models (eval mode). Only models that offer that score
-        method implement it."""
+    def features(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """x in the contract range -> what the `feature-mahalanobis` score models (eval
+        mode): the encoder's last hidden features [N, d] and its pooled layers (`_encode`).
+        Only models that offer that score method implement it."""
         raise NotImplementedError(f"{self.arch} has no feature-mahalanobis score")
+
+    def _encode(self, encoder: nn.Module, xm: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """One pass of `encoder` (a `ConvEncoder` or `MlpEncoder`) over model-space inputs
+        -> (code, last hidden features, pooled layers); the pooled layers only when the
+        feature score reads them, so no other graph computes them."""
+        if self.pooled_layers:
+            return encoder.forward_layers(xm)
+        z, f = encoder(xm)
+        return z, f, []
 
     @property
     def knn_scored(self) -> bool:
@@ -183,26 +192,37 @@ class AnomalyGAN(nn.Module, ABC):
     def feature_scored(self) -> bool:
         return self.hparams.get("score_method") == "feature-mahalanobis"
 
-    def _init_feature_gaussian(self, dim: int) -> None:
+    pooled_layers: int = 0  # how many pooled encoder layers the feature score models
+
+    def _init_feature_gaussian(self, encoder: nn.Module) -> None:
         """Buffers of the `feature-mahalanobis` score, for models that offer it: call once
-        the encoder exists (`dim`: its feature width). They travel in checkpoints and in
-        the exported graph (two MatMuls)."""
+        `encoder`, whose features it models, exists. They travel in checkpoints and in the
+        exported graph (a MatMul per Gaussian)."""
         if not self.feature_scored:
             return
-        self.register_buffer("feature_mean", torch.zeros(dim))
-        self.register_buffer("feature_whitening", torch.eye(dim))
+        self.register_buffer("feature_mean", torch.zeros(encoder.feature_dim))
+        self.register_buffer("feature_whitening", torch.eye(encoder.feature_dim))
+        if self.hparams["feature_layers"] == "all":
+            self.pooled_layers = len(encoder.pooled_dims)
+        for i, dim in enumerate(encoder.pooled_dims[: self.pooled_layers]):
+            self.register_buffer(f"pooled_mean_{i}", torch.zeros(dim))
+            self.register_buffer(f"pooled_whitening_{i}", torch.eye(dim))
         if self.contrast_normalised:
             channels = self.spec.channels  # type: ignore[union-attr]
             self.register_buffer("stats_mean", torch.zeros(channels + 1))
             self.register_buffer("stats_whitening", torch.eye(channels + 1))
 
-    def feature_score(self, x: Tensor, features: Tensor) -> Tensor:
+    def feature_score(self, x: Tensor, features: Tensor, pooled: list[Tensor]) -> Tensor:
         """`feature-mahalanobis` (the CIFAR-10 recipe, with contrast_norm): the squared
         whitened distance of the encoder's features from their training-normal Gaussian,
         per dimension. With contrast normalisation, plus the same for the image statistics
         it removed (channel means, log contrast), so exposure and colour cast still count,
-        weighted like the features rather than drowned by their dimensions."""
+        weighted like the features rather than drowned by their dimensions; with
+        `feature_layers=all`, plus the same for each pooled encoder layer."""
         score = ((features - self.feature_mean) @ self.feature_whitening).pow(2).mean(dim=1)
+        for i in range(self.pooled_layers):
+            mean, whitening = self._pooled_gaussian(i)
+            score = score + ((pooled[i] - mean) @ whitening).pow(2).mean(dim=1)
         if self.contrast_normalised:
             s = (self.image_statistics(x) - self.stats_mean) @ self.stats_whitening
             score = score + s.pow(2).mean(dim=1)
@@ -222,14 +242,21 @@ class AnomalyGAN(nn.Module, ABC):
             self.nearest.fit(train_x, self.code, self.hparams["knn_max_reference"])
         else:
             batches = range(0, len(train_x), batch_size)
-            feats = torch.cat([self.features(train_x[i : i + batch_size]) for i in batches])
+            parts = [self.features(train_x[i : i + batch_size]) for i in batches]
             shrinkage = self.hparams["feature_shrinkage"]
+            feats = torch.cat([f for f, _ in parts])
             fit_gaussian(feats, shrinkage, self.feature_mean, self.feature_whitening)
+            for layer in range(self.pooled_layers):
+                pooled = torch.cat([p[layer] for _, p in parts])
+                fit_gaussian(pooled, shrinkage, *self._pooled_gaussian(layer))
             if self.contrast_normalised:
                 stats = self.image_statistics(train_x)
                 fit_gaussian(stats, shrinkage, self.stats_mean, self.stats_whitening)
         self.train(was_training)
         return True
+
+    def _pooled_gaussian(self, layer: int) -> tuple[Tensor, Tensor]:
+        return getattr(self, f"pooled_mean_{layer}"), getattr(self, f"pooled_whitening_{layer}")
 
     @property
     def score_is_fitted(self) -> bool:

@@ -81,10 +81,23 @@ class ConvEncoder(nn.Module):
         self.features = nn.Sequential(*layers)
         self.head = nn.Conv2d(w, out_dim, final, 1, 0, bias=False)
         self.feature_dim = w * final * final
+        # The channels of each convolution's activation, as `forward_layers` pools them.
+        self.pooled_dims = [width * 2**i for i in range(n)]
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         f = self.features(x)
         return self.head(f).flatten(1), f.flatten(1)
+
+    def forward_layers(self, x: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """`forward`'s outputs, plus each convolution's activation averaged over space
+        ([N, pooled_dims[i]]), from the same pass."""
+        pooled = []
+        h = x
+        for m in self.features:
+            h = m(h)
+            if isinstance(m, nn.LeakyReLU):
+                pooled.append(h.mean(dim=(2, 3)))
+        return self.head(h).flatten(1), h.flatten(1), pooled
 
 
 class ConvDecoder(nn.Module):
@@ -134,10 +147,14 @@ class MlpEncoder(nn.Module):
         self.features = mlp(sizes[:-1], dropout=dropout, last_act=True)
         self.head = nn.Linear(sizes[-2], sizes[-1])
         self.feature_dim = sizes[-2]
+        self.pooled_dims: list[int] = []  # no spatial layers to pool
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         f = self.features(x)
         return self.head(f), f
+
+    def forward_layers(self, x: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
+        return (*self(x), [])
 
 
 class JointDiscriminator(nn.Module):

@@ -104,7 +104,7 @@ class EGBAD(AnomalyGAN):
             ema.load_state_dict(live.state_dict())
             ema.requires_grad_(False)
         self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
-        self._init_feature_gaussian(self.ema_enc.feature_dim)
+        self._init_feature_gaussian(self.ema_enc)
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
         # Runs trained before the shared nearest-code block stored uncentred codes here.
@@ -177,18 +177,19 @@ class EGBAD(AnomalyGAN):
         # The EMA encoder, which every EGBAD score uses.
         return self.ema_enc(self.to_model_space(x))[0]
 
-    def features(self, x: Tensor) -> Tensor:
-        return self.ema_enc(self.to_model_space(x))[1]
+    def features(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        return self._encode(self.ema_enc, self.to_model_space(x))[1:]
 
     def score(self, x: Tensor) -> tuple[Tensor, Tensor]:
         w = self.hparams["score_weight"]
         xm = self.to_model_space(x)
-        z, features = self.ema_enc(xm)  # one encoder pass for the code and the features
+        # One encoder pass for the code and the features.
+        z, features, pooled = self._encode(self.ema_enc, xm)
         x_rec = self.ema_gen(z)
         if self.hparams["score_method"] == "knn":
             return self.nearest(z), self.from_model_space(x_rec, x)
         if self.feature_scored:
-            return self.feature_score(x, features), self.from_model_space(x_rec, x)
+            return self.feature_score(x, features, pooled), self.from_model_space(x_rec, x)
         if self.hparams["score_method"] == "latent":
             # On KDD the data-space error is mostly one-hot mismatches, which rare attack
             # types share with normal traffic; the code's round trip tells them apart.

@@ -113,7 +113,7 @@ class FAnoGAN(AnomalyGAN):
         # Counts critic updates across epochs, so the generator's turn (every n_critic-th
         # step) survives a resume.
         self.register_buffer("critic_steps", torch.zeros((), dtype=torch.long))
-        self._init_feature_gaussian(self.enc.feature_dim)  # type: ignore[arg-type]
+        self._init_feature_gaussian(self.enc)
         self.start_phase(PHASES[0].name)
 
     def _make_optimizers(self) -> dict[str, torch.optim.Optimizer]:
@@ -198,14 +198,16 @@ class FAnoGAN(AnomalyGAN):
     def code(self, x: Tensor) -> Tensor:
         return self.enc(self.to_model_space(x))[0]
 
-    def features(self, x: Tensor) -> Tensor:
-        return self.enc(self.to_model_space(x))[1]
+    def features(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        return self._encode(self.enc, self.to_model_space(x))[1:]
 
     def score(self, x: Tensor) -> tuple[Tensor, Tensor]:
         xm = self.to_model_space(x)
         if self.knn_scored or self.feature_scored:
-            z, features = self.enc(xm)
-            score = self.nearest(z) if self.knn_scored else self.feature_score(x, features)
+            z, features, pooled = self._encode(self.enc, xm)
+            score = (
+                self.nearest(z) if self.knn_scored else self.feature_score(x, features, pooled)
+            )
             return score, self.from_model_space(self.gen(z), x)
         score, rec = self._izi_f(xm)
         return score, self.from_model_space(rec, x)

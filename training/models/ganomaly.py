@@ -76,7 +76,7 @@ class GANomaly(AnomalyGAN):
             self.disc = MlpEncoder([f, *hparams["disc_hidden"], 1])
         init_weights(self)
         self.register_buffer("d_reinits", torch.zeros((), dtype=torch.long))
-        self._init_feature_gaussian(self.enc1.feature_dim)
+        self._init_feature_gaussian(self.enc1)
 
     def _make_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         gen = [*self.enc1.parameters(), *self.dec.parameters(), *self.enc2.parameters()]
@@ -123,12 +123,12 @@ class GANomaly(AnomalyGAN):
     def code(self, x: Tensor) -> Tensor:
         return self.enc1(self.to_model_space(x))[0]
 
-    def features(self, x: Tensor) -> Tensor:
-        return self.enc1(self.to_model_space(x))[1]
+    def features(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        return self._encode(self.enc1, self.to_model_space(x))[1:]
 
     def score(self, x: Tensor) -> tuple[Tensor, Tensor]:
         xm = self.to_model_space(x)
-        z, features = self.enc1(xm)
+        z, features, pooled = self._encode(self.enc1, xm)
         x_hat = self.dec(z)
         recon = self.from_model_space(x_hat, x)
         method = self.hparams["score_method"]
@@ -137,7 +137,7 @@ class GANomaly(AnomalyGAN):
         if method == "reconstruction":
             return (xm - x_hat).abs().flatten(1).mean(dim=1), recon
         if self.feature_scored:
-            return self.feature_score(x, features), recon
+            return self.feature_score(x, features, pooled), recon
         return (z - self.enc2(x_hat)[0]).pow(2).mean(dim=1), recon
 
     def selection_metric(self, x: Tensor) -> Tensor:

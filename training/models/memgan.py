@@ -79,7 +79,7 @@ class MEMGAN(AnomalyGAN):
         self.enc, self.gen, self.disc = build_bigan(spec, hparams)
         init_weights(self)
         self.memory = nn.Parameter(torch.randn(hparams["memory_units"], hparams["latent_dim"]))
-        self._init_feature_gaussian(self.enc.feature_dim)
+        self._init_feature_gaussian(self.enc)
 
     def _make_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         gen = [*self.enc.parameters(), *self.gen.parameters(), self.memory]
@@ -130,12 +130,13 @@ class MEMGAN(AnomalyGAN):
     def code(self, x: Tensor) -> Tensor:
         return self.enc(self.to_model_space(x))[0]
 
-    def features(self, x: Tensor) -> Tensor:
-        return self.enc(self.to_model_space(x))[1]
+    def features(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        return self._encode(self.enc, self.to_model_space(x))[1:]
 
     def score(self, x: Tensor) -> tuple[Tensor, Tensor]:
         xm = self.to_model_space(x)
-        z, features = self.enc(xm)  # one encoder pass for the code and the features
+        # One encoder pass for the code and the features.
+        z, features, pooled = self._encode(self.enc, xm)
         z_proj = self.project(z)
         x_rec = self.gen(z_proj)
         recon = self.from_model_space(x_rec, x)
@@ -143,7 +144,7 @@ class MEMGAN(AnomalyGAN):
         if method == "knn":
             return self.nearest(z), recon
         if self.feature_scored:
-            return self.feature_score(x, features), recon
+            return self.feature_score(x, features, pooled), recon
         if method == "memory":
             return (z - z_proj).norm(dim=1), recon
         return (xm - x_rec).flatten(1).norm(dim=1), recon

@@ -62,11 +62,15 @@ class Hparams(BaseModel):
 
 
 class FeatureGaussianHparams(BaseModel):
-    """The setting of the `feature-mahalanobis` score (`AnomalyGAN.feature_score`), mixed
-    into the defaults of the models that offer it: how far the features' covariance is
-    shrunk towards its mean variance."""
+    """The settings of the `feature-mahalanobis` score (`AnomalyGAN.feature_score`), mixed
+    into the defaults of the models that offer it: how far each Gaussian's covariance is
+    shrunk towards its mean variance, and which encoder layers it models: `last`, the last
+    hidden layer; `all`, also each convolutional layer's channel means (one Gaussian per
+    layer, as Rippel et al. 2020 do on pretrained features), so low-level texture and colour
+    count as well as the last layer's shapes. Tabular encoders have only the last layer."""
 
     feature_shrinkage: float = 1e-3
+    feature_layers: Literal["last", "all"] = "last"
 
 
 class ImageHparams(Hparams):
