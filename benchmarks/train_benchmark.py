@@ -559,7 +559,8 @@ def report(rows: list[dict] | None = None) -> str:
         "Jobs that shared the cores with others ran slower (see the notes above), so the "
         "range matters as much as the median. Budget: every GAN job trained its model's "
         "default number of epochs (or the `epochs=` its row names), with no `--time-budget`; "
-        "the column shows the epochs run.",
+        "the column shows the epochs run. Rows rescored from another run's weights "
+        "(`benchmarks/rescore.py`) trained nothing: they count on their source's line only.",
         "",
         "| dataset | model | trained on | jobs | budget (epochs run) | train seconds (median) | "
         "train seconds (min-max) | peak RSS MB (max) |",
@@ -573,6 +574,7 @@ def report(rows: list[dict] | None = None) -> str:
                     r
                     for r in rows
                     if _time_group(r) == dataset
+                    and "rescored_from" not in r
                     and label(r) == model
                     and r.get("device", "2-core CPU") == device
                 ]

@@ -179,3 +179,19 @@ def test_gpu_rows_get_their_own_time_line(bench):
     assert "| mmocgan | 0.850 ± 0.071 (2) |" in text
     assert "| mnist-multimodal | mmocgan | 2-core CPU | 1 | 15 | 10 | 10-10 | 300 |" in text
     assert "| mnist-multimodal | mmocgan | NVIDIA H200 | 1 | 15 | 1 | 1-1 | 300 |" in text
+
+
+def test_rescored_rows_stay_out_of_the_time_table(bench):
+    """A rescored row carries its source's training seconds; counting it again would show
+    a variant that never trained, and the source's jobs twice."""
+    source = _row("mmocgan", "0,1,2,3,4", 0, 0.80)
+    rescored = {
+        **_row("mmocgan", "0,1,2,3,4", 0, 0.85),
+        "hparams": {"knn_components": 0},
+        "key": "mnist/mmocgan/0,1,2,3,4/seed0/knn_components=0",
+        "rescored_from": source["key"],
+    }
+    text = bench.report([source, rescored])
+    assert "| mmocgan (knn_components=0) | 0.850 (1) |" in text  # in the accuracy table
+    assert "| mnist-multimodal | mmocgan | 2-core CPU | 1 | 15 |" in text
+    assert "| mnist-multimodal | mmocgan (knn_components=0) |" not in text
