@@ -44,14 +44,13 @@ def main() -> None:
     model = build_model("mmocgan", splits.input_spec, **parse_hparams(args.hparam))
     model.fit_input_space(x)
     h = model.hparams
-    modes, nz, batch = h["modes"], h["latent_dim"], h["batch_size"]
-    if h["conditioning"] != "cat":
-        raise SystemExit("error: this trace feeds one-hot codes; use conditioning=cat")
-    probe = torch.Generator().manual_seed(1)
+    modes, batch = h["modes"], h["batch_size"]
     codes = torch.arange(modes).repeat_interleave(50)
-    one_z = torch.randn(1, nz, generator=probe).repeat(modes, 1)
-    many_z = torch.randn(modes, nz, generator=probe)
-    eye = torch.eye(modes)
+
+    def probe(mode_codes: list[int]) -> torch.Tensor:
+        """G's samples for `mode_codes`, one draw each from the same seeded noise: one
+        code at a time gives every code the same noise vector."""
+        return model.generate(torch.tensor(mode_codes), torch.Generator().manual_seed(1))
 
     for step in range(args.steps):
         losses = model.training_step(x[torch.randint(len(x), (batch,))])
@@ -63,8 +62,8 @@ def main() -> None:
             accuracy = (model.mode_of(model.from_model_space(fake)) == codes).float().mean()
             # Per-pixel variance of G's output over the codes (one noise vector) and over
             # the noise (one code).
-            over_codes = model.gen(torch.cat([one_z, eye], 1)).var(0).mean()
-            over_noise = model.gen(torch.cat([many_z, eye[[0] * modes]], 1)).var(0).mean()
+            over_codes = torch.cat([probe([c]) for c in range(modes)]).var(0).mean()
+            over_noise = probe([0] * modes).var(0).mean()
         model.train()
         row = {
             "step": step,

@@ -346,7 +346,8 @@ class MMOCGAN(AnomalyGAN):
 
     @torch.no_grad()
     def mode_of(self, x: Tensor) -> Tensor:
-        """Q's most likely mode code for x [N] (eval mode)."""
+        """Q's most likely mode code for x [N] (eval mode). x is in the contract's range,
+        as `score` takes it: G's samples go through `from_model_space` first."""
         return self.q(self.code(x)).argmax(dim=1)
 
     @torch.no_grad()
