@@ -65,7 +65,7 @@ def run(table: str, arch: str, seed: int, hparams: dict) -> dict:
     train_x = torch.as_tensor(splits.train)
     scores: dict[str, dict] = {}
     for method in CANDIDATES[arch]:
-        model = build_model(arch, splits.input_spec, **{**info.hparams, "score_method": method})
+        model = build_model(arch, splits.input_spec, **{**net.hparams, "score_method": method})
         model.load_state_dict(net.state_dict(), strict=False)
         model.eval()
         model.fit_score(train_x)

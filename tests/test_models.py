@@ -168,6 +168,19 @@ def test_default_hparams_are_complete_and_fresh(arch):
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_values_for_runs_saved_before_a_field_existed_are_valid_and_not_the_default(arch):
+    """`saved_before` names fields of its class, with values the class accepts and that
+    differ from today's default (otherwise the entry would do nothing)."""
+    for spec in kinds(arch):
+        cls = hparams_class(arch, spec)
+        defaults = default_hparams(arch, spec)
+        for key, value in cls.saved_before.items():
+            assert key in cls.model_fields, key
+            assert value != defaults[key], key
+            assert getattr(cls(**{key: value}), key) == value
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_hyperparameters_of_the_wrong_type_are_refused_naming_the_key(arch):
     for spec in kinds(arch):
         with pytest.raises(ValueError, match=r"hyperparameter epochs='many' for " + arch):

@@ -28,6 +28,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from gansentry.manifest import ImageInput, InputSpec, TabularInput, Threshold, atomic_write
 from training.models import AnomalyGAN, build_model
+from training.models.registry import saved_hparams
 
 CONFIG_FILE = "config.json"
 HISTORY_FILE = "history.jsonl"
@@ -177,7 +178,9 @@ def load_run(run_dir: Path, device: str = "cpu") -> tuple[AnomalyGAN, RunInfo]:
     path = run_dir / CHECKPOINT_DIR / SELECTED_CHECKPOINT
     state = load_checkpoint(path, device)
     try:
-        model = build_model(info.arch or info.config["model"], info.input_spec, **info.hparams)
+        arch = info.arch or info.config["model"]
+        hparams = saved_hparams(arch, info.input_spec, info.hparams)
+        model = build_model(arch, info.input_spec, **hparams)
         model.load_state_dict(state["model"])
     except (KeyError, RuntimeError, ValueError) as e:
         raise RunError(f"{path}: does not match {run_dir / RUN_FILE} ({e})") from e

@@ -37,6 +37,11 @@ class Hparams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
+    # Fields added to a model after runs of it were saved, with the value those runs
+    # trained with: a finished run records every hyperparameter it used, and one saved
+    # before a field existed must load as it trained, not with the field's new default.
+    saved_before: ClassVar[dict[str, Any]] = {}
+
     lr: float = 2e-4
     beta1: float = 0.5
     beta2: float = 0.999
@@ -212,6 +217,14 @@ def hparams_class(arch: str, spec: ImageInput | TabularInput) -> type[Hparams]:
         raise ValueError(
             f"{arch} does not take {spec.kind} input; it takes {', '.join(entry.hparams)}"
         ) from None
+
+
+def saved_hparams(
+    arch: str, spec: ImageInput | TabularInput, recorded: dict[str, Any]
+) -> dict[str, Any]:
+    """A finished run's recorded hyperparameters, completed with the `saved_before` value
+    of each field added since it was saved."""
+    return {**hparams_class(arch, spec).saved_before, **recorded}
 
 
 def resolve(
