@@ -10,7 +10,15 @@ with `rescored_from` naming the source row, and is skipped if that key already e
     python benchmarks/rescore.py --plan cifar10 --models fanogan --seeds 0 1 \\
         --hparam contrast_norm=true --score score_method=feature-mahalanobis
 
-Only runs whose folder is on this machine can be rescored (runs/bench/...)."""
+Only runs whose folder is on this machine can be rescored (runs/bench/...).
+
+Development runs (`image_candidates.py`, runs/image-candidates/...) have no results row:
+`--run FOLDER ...` scores each with its recorded score and with the overrides, on the
+whole test split, and only prints the AUROCs:
+
+    python benchmarks/rescore.py --score knn_relative=20 \\
+        --run "runs/image-candidates/mnist_mmocgan_5,6,7,8,9_seed5_d_spectral_norm=true"
+"""
 
 from __future__ import annotations
 
@@ -28,21 +36,31 @@ from train_benchmark import RESULTS, ROOT, job_key, job_splits, plan_jobs  # noq
 from training.runs import RUN_FILE  # noqa: E402
 
 
-def rescore(row: dict, overrides: dict) -> dict:
-    import numpy as np
+def rescored(run_dir: Path, splits, overrides: dict):
+    """The run's selected weights with the score `overrides`, fitted on the training
+    normals, and the run as recorded (both in eval mode)."""
     import torch
 
-    from training.metrics import evaluate_scores
     from training.models import build_model
-    from training.runs import load_run, score_array
+    from training.runs import load_run
 
-    net, _ = load_run(ROOT / row["run_dir"])
-    model = build_model(row["model"], net.spec, **{**net.hparams, **overrides})
+    net, _ = load_run(run_dir)
+    model = build_model(net.arch, net.spec, **{**net.hparams, **overrides})
     # The fitted buffers of the target score do not exist in the source checkpoint.
     model.load_state_dict(net.state_dict(), strict=False)
     model.eval()
-    splits = job_splits(row["dataset"], row["protocol"], row["cls"], row["seed"])
     model.fit_score(torch.as_tensor(splits.train, dtype=torch.float32))
+    return model, net
+
+
+def rescore(row: dict, overrides: dict) -> dict:
+    import numpy as np
+
+    from training.metrics import evaluate_scores
+    from training.runs import score_array
+
+    splits = job_splits(row["dataset"], row["protocol"], row["cls"], row["seed"])
+    model, _ = rescored(ROOT / row["run_dir"], splits, overrides)
     val, test = score_array(model, splits.val)[0], score_array(model, splits.test)[0]
     threshold = float(np.quantile(val, 0.99))
     hparams = {**row.get("hparams", {}), **overrides}
@@ -56,12 +74,28 @@ def rescore(row: dict, overrides: dict) -> dict:
     }
 
 
+def print_runs(run_dirs: list[Path], overrides: dict) -> None:
+    from sklearn.metrics import roc_auc_score
+
+    from training.runs import read_run_info, score_array
+
+    for run_dir in run_dirs:
+        cfg = read_run_info(run_dir).config
+        splits = job_splits(cfg["dataset"], cfg["protocol"], cfg["normal_class"], cfg["seed"])
+        model, net = rescored(run_dir, splits, overrides)
+        auroc = [
+            roc_auc_score(splits.test_labels, score_array(m, splits.test)[0]) for m in (net, model)
+        ]
+        print(f"{run_dir}: as recorded {auroc[0]:.4f}, with the overrides {auroc[1]:.4f}")
+
+
 def main() -> None:
     from training.cli import parse_hparams
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--plan", nargs="+", required=True)
-    p.add_argument("--models", nargs="+", required=True)
+    p.add_argument("--run", nargs="+", type=Path, default=None, help="run folders: print only")
+    p.add_argument("--plan", nargs="+")
+    p.add_argument("--models", nargs="+")
     p.add_argument("--classes", nargs="+", default=None)
     p.add_argument("--tables", nargs="+", default=None)
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
@@ -71,6 +105,11 @@ def main() -> None:
     args = p.parse_args()
     args.hparams = parse_hparams(args.hparam)
     overrides = parse_hparams(args.score)
+    if args.run:
+        print_runs(args.run, overrides)
+        return
+    if not (args.plan and args.models):
+        p.error("--plan and --models are required without --run")
     rows = {json.loads(x)["key"]: json.loads(x) for x in RESULTS.read_text().splitlines() if x}
     for job in plan_jobs(args):
         source = rows.get(job["key"])

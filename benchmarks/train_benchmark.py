@@ -39,7 +39,7 @@ RUNS = ROOT / "runs" / "bench"
 DATA_ROOT = Path(os.environ.get("GANSENTRY_DATA", ROOT.parent / "shared" / "datasets"))
 # Every registered architecture is benchmarked; a new model file joins the plans as it is.
 GANS = ARCHITECTURES
-BASELINES = ("iforest", "ocsvm", "ecod", "knn")
+BASELINES = ("iforest", "ocsvm", "ecod", "knn", "lof")
 OCSVM_MAX_TRAIN = 10_000  # kernel SVMs are O(n^2); KDD's train split has ~200k rows
 PLANS = {
     "kdd": ("kddcup99", "kdd-dagmm", [None]),
@@ -215,7 +215,7 @@ def run_one(spec: dict) -> dict:
         }
     else:
         from sklearn.ensemble import IsolationForest
-        from sklearn.neighbors import NearestNeighbors
+        from sklearn.neighbors import LocalOutlierFactor, NearestNeighbors
         from sklearn.svm import OneClassSVM
 
         unknown = set(hparams) - {"contrast_norm"}
@@ -233,6 +233,11 @@ def run_one(spec: dict) -> dict:
             # row, so the table shows what the encoder adds.
             x = np.unique(x, axis=0)
             est = _NearestDistance(NearestNeighbors(n_neighbors=1))
+        elif model == "lof":
+            # Local outlier factor at scikit-learn's default 20 neighbours, on the distinct
+            # training inputs: the pixel-space counterpart of MMOC-GAN's image score.
+            x = np.unique(x, axis=0)
+            est = LocalOutlierFactor(n_neighbors=20, novelty=True)
         else:
             rng = np.random.default_rng(seed)
             if len(x) > OCSVM_MAX_TRAIN:
@@ -497,7 +502,8 @@ def report(rows: list[dict] | None = None) -> str:
         "`training/models/<name>.py`), except where a row names a variant: "
         "`contrast_norm=true` normalises each image's mean and L1 contrast first (Deep SVDD's "
         "CIFAR-10 preprocessing), for the baselines too. Baselines (IsolationForest, OC-SVM, "
-        "and knn: distance to the nearest distinct training input) ran on the same split "
+        "knn: distance to the nearest distinct training input, and lof: local outlier "
+        "factor over 20 neighbours) ran on the same split "
         "in the same benchmark. Published figures are from the papers "
         "(same protocol). "
         "CIFAR-10 here is a JPEG-recompressed copy: pixel values differ slightly from the "

@@ -276,3 +276,60 @@ def test_a_checkpoint_taken_before_fitting_resumes_with_a_projection():
     fitted.fit(refs, lambda r: r, 100)
     with pytest.raises(RuntimeError, match="basis"):
         block.load_state_dict(fitted.state_dict())  # a fitted reference without its axes
+
+
+def _two_modes() -> torch.Tensor:
+    """A tight mode of 200 codes (spread 0.05) at the origin and a loose one of 30 (spread
+    3) at (30, 0)."""
+    g = torch.Generator().manual_seed(3)
+    tight = 0.05 * torch.randn(200, 2, generator=g)
+    loose = torch.tensor([30.0, 0.0]) + 3.0 * torch.randn(30, 2, generator=g)
+    return torch.cat([tight, loose])
+
+
+def test_relative_score_measures_each_mode_against_its_own_spread():
+    """Beside the tight mode is anomalous and inside the loose mode is not, though the
+    plain nearest distance says the opposite. The radii are each reference's mean distance
+    to its k nearest others."""
+    refs = _two_modes()
+    beside_tight = torch.tensor([[0.8, 0.0]])
+    inside_loose = refs[200:201] + torch.tensor([[0.5, 0.5]])
+    plain, relative = NearestCode(2), NearestCode(2, relative=5)
+    plain.fit(refs, lambda r: r, 1000)
+    relative.fit(refs, lambda r: r, 1000)
+    assert float(plain(beside_tight)) < float(plain(inside_loose))
+    assert float(relative(beside_tight)) > 3 * float(relative(inside_loose))
+    kept = relative.codes + relative.centre  # the distinct references, in its order
+    d = torch.cdist(kept, kept).fill_diagonal_(float("inf"))
+    expected = d.topk(5, dim=1, largest=False).values.mean(dim=1)
+    torch.testing.assert_close(relative.radius, expected, rtol=1e-4, atol=1e-6)
+    q = torch.cat([beside_tight, inside_loose])
+    dq, iq = torch.cdist(q, kept).topk(5, dim=1, largest=False)
+    torch.testing.assert_close(relative(q), (dq / expected[iq]).mean(dim=1), rtol=1e-5, atol=0)
+
+
+def test_relative_score_travels_in_checkpoints_and_the_exported_graph(tmp_path):
+    model = knn_model("mmocgan", knn_relative=4)
+    model.fit_score(rows(30, 3))
+    assert model.nearest.radius.shape == (20,)  # knn_model caps the reference at 20
+    x = torch.cat([rows(7, 4), rows(30, 3)[:3]])
+    copy = build_model("mmocgan", TABULAR, **model.hparams)
+    copy.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(copy.eval().score(x)[0], model.score(x)[0])
+    served, pt = graph_scores(model, x, tmp_path / "m.onnx")
+    np.testing.assert_allclose(served, pt, rtol=1e-5, atol=1e-6)
+    # A fitted reference without its radii (a run scored by the plain distance) does not
+    # load into a relative block: it would divide by zero.
+    plain = build_model("mmocgan", TABULAR, **{**model.hparams, "knn_relative": 0})
+    plain.load_state_dict(model.state_dict(), strict=False)
+    plain.fit_score(rows(30, 3))
+    with pytest.raises(RuntimeError, match="radius"):
+        copy.load_state_dict(plain.state_dict())
+
+
+def test_a_single_reference_has_a_unit_radius():
+    block = NearestCode(3, relative=5)
+    block.fit(torch.tensor([[1.0, 2.0, 2.0]]), lambda r: r, 10)
+    torch.testing.assert_close(block.radius, torch.ones(1))
+    torch.testing.assert_close(block(torch.zeros(1, 3)), torch.tensor([3.0]))

@@ -202,23 +202,37 @@ class NearestCode(nn.Module):
 
     CANDIDATES = 8
 
-    def __init__(self, dim: int, components: int = 0):
+    def __init__(self, dim: int, components: int = 0, relative: int = 0):
         """`components` (0 < components < dim): compare codes in the span of the reference
         codes' first principal axes, fitted on the reference codes. For wide codes: the
         graph then holds a [dim, components] basis and every training normal at
-        `components` floats, where the full codes would cost `dim` floats each."""
+        `components` floats, where the full codes would cost `dim` floats each.
+
+        `relative` (k > 0): the score is the mean, over the k nearest reference codes, of
+        the distance to each divided by that reference's own mean distance to its k
+        nearest other references (its `radius`, fitted with the codes): a local density
+        ratio in the manner of LOF (Breunig et al. 2000). Where the normals form modes of
+        different spread, a plain distance calls a point beside a tight mode normal and a
+        normal point in a loose mode far; the ratio measures both against their mode."""
         super().__init__()
         self.components = components if 0 < components < dim else 0
+        self.relative = relative
         self.register_buffer("centre", torch.zeros(dim))
         if self.components:
             self.register_buffer("basis", torch.zeros(dim, self.components))
         # Its length is the reference set's, so loading a state dict resizes it.
         self.register_buffer("codes", torch.zeros(0, self.components or dim))
+        if self.relative:
+            self.register_buffer("radius", torch.zeros(0))
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object) -> None:
         codes = state_dict.get(prefix + "codes")
         if codes is not None:
             self.codes = torch.empty_like(codes, device=self.codes.device)
+            if self.relative:
+                if len(codes) == 0:  # an unfitted checkpoint: the radii come with the fit
+                    state_dict.setdefault(prefix + "radius", torch.zeros(0))
+                self.radius = torch.empty(len(codes), device=self.codes.device)
             if self.components and len(codes) == 0 and prefix + "basis" not in state_dict:
                 # A checkpoint taken before the reference was fitted (every training
                 # checkpoint) holds nothing to project: it resumes whatever the projection.
@@ -259,18 +273,47 @@ class NearestCode(nn.Module):
             self.basis = axes.float().contiguous()
             centred = centred @ self.basis
         self.codes = centred
+        if self.relative:
+            self.radius = self._radius(centred, batch_size)
+
+    def _radius(self, ref: Tensor, batch_size: int) -> Tensor:
+        """Each reference code's mean exact distance to its `relative` nearest others."""
+        k = min(self.relative, len(ref) - 1)
+        if k < 1:  # a single reference: nothing to measure it against
+            return torch.ones(len(ref), device=ref.device)
+        out = []
+        step = min(batch_size, 1024)  # a [step, references] product at a time
+        for i in range(0, len(ref), step):
+            d = self._nearest(ref[i : i + step], ref, k + 1)
+            # Its own code is among the k + 1 nearest: the first, or tied at distance 0.
+            out.append(d[:, 1:].mean(dim=1))
+        # A reference with k duplicates would divide by 0: floor at the smallest positive.
+        radius = torch.cat(out)
+        positive = radius[radius > 0]
+        return radius.clamp_min(float(positive.min()) if len(positive) else 1.0)
+
+    def _nearest(self, zc: Tensor, ref: Tensor, k: int) -> Tensor:
+        """Exact distances to the k nearest of `ref`, ascending [N, k] (see the class)."""
+        return self._nearest_indexed(zc, ref, k)[0]
+
+    def _nearest_indexed(self, zc: Tensor, ref: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        # |r|^2 - 2 z.r ranks the references as ||z - r||^2 does (|z|^2 is the same for
+        # every r), in one fused product.
+        rank = torch.addmm(ref.pow(2).sum(1), zc, ref.T, alpha=-2.0)
+        shortlist = rank.topk(min(k + self.CANDIDATES - 1, len(ref)), dim=1, largest=False)
+        exact = (zc[:, None, :] - ref[shortlist.indices]).pow(2).sum(dim=2)
+        best = exact.topk(min(k, exact.shape[1]), dim=1, largest=False)
+        return best.values.sqrt(), shortlist.indices.gather(1, best.indices)
 
     def forward(self, z: Tensor) -> Tensor:
-        """z [N, dim] -> distance to the nearest reference code [N]."""
+        """z [N, dim] -> distance to the nearest reference code [N] (with `relative`: the
+        mean distance ratio to the k nearest)."""
         if not self.fitted:
             raise RuntimeError("score_method 'knn' needs fit_score(training normals) first")
         zc, ref = z - self.centre, self.codes
         if self.components:
             zc = zc @ self.basis
-        # |r|^2 - 2 z.r ranks the references as ||z - r||^2 does (|z|^2 is the same for
-        # every r), in one fused product.
-        rank = torch.addmm(ref.pow(2).sum(1), zc, ref.T, alpha=-2.0)
-        k = min(self.CANDIDATES, len(ref))
-        shortlist = rank.topk(k, dim=1, largest=False).indices
-        exact = (zc[:, None, :] - ref[shortlist]).pow(2).sum(dim=2)
-        return exact.min(dim=1).values.sqrt()
+        if not self.relative:
+            return self._nearest(zc, ref, 1)[:, 0]
+        dist, index = self._nearest_indexed(zc, ref, self.relative)
+        return (dist / self.radius[index]).mean(dim=1)
