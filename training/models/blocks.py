@@ -213,7 +213,10 @@ class NearestCode(nn.Module):
         nearest other references (its `radius`, fitted with the codes): a local density
         ratio in the manner of LOF (Breunig et al. 2000). Where the normals form modes of
         different spread, a plain distance calls a point beside a tight mode normal and a
-        normal point in a loose mode far; the ratio measures both against their mode."""
+        normal point in a loose mode far; the ratio measures both against their mode. The
+        k nearest are chosen by exact distance from a shortlist of k + 7, as above; a
+        near-tie for the k-th place may let the two runtimes average different references,
+        equally far, so the score then differs by their radii's ratio over k, not more."""
         super().__init__()
         self.components = components if 0 < components < dim else 0
         self.relative = relative
