@@ -216,7 +216,8 @@ class NearestCode(nn.Module):
         normal point in a loose mode far; the ratio measures both against their mode. The
         k nearest are chosen by exact distance from a shortlist of k + 7, as above; a
         near-tie for the k-th place may let the two runtimes average different references,
-        equally far, so the score then differs by their radii's ratio over k, not more."""
+        equally far (d), so the score then differs by one term of the mean, d (1/r_a -
+        1/r_b) / k, not more."""
         super().__init__()
         self.components = components if 0 < components < dim else 0
         self.relative = relative
