@@ -5,8 +5,8 @@ does not imitate the normal data: it learns samples in the low-density region ar
 and the discriminator, trained to tell real normals from those complementary samples,
 becomes the detector. Its probability that x is not a normal is the score, in [0, 1]
 (0.5 the natural threshold); tables and images default to the distance to the nearest
-training normal in D's features instead (`score_method`, see `MMOCGANTabular` and
-`MMOCGANImage`). There is no encoder
+training normals in D's features instead (`score_method`; on images relative to those
+normals' own spread, `knn_relative`; see `MMOCGANTabular` and `MMOCGANImage`). There is no encoder
 and no reconstruction, so the exported graph outputs only `score`.
 
 Multi-modality is InfoGAN's: G takes a categorical code c in 1..m (`modes`) for one mode
