@@ -19,11 +19,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image
 
 from gansentry.manifest import ImageInput, Manifest, TabularInput
 from gansentry.preprocessing import (
     InputError,
+    OpenedImage,
     base64_image_bytes,
     decode_opened,
     open_image,
@@ -66,11 +66,11 @@ class Parsed:
     kinds: list[str]
     spec: ImageInput | TabularInput
     max_request_pixels: int
-    images: list[tuple[int, Image.Image]] = field(default_factory=list)
+    images: list[tuple[int, OpenedImage]] = field(default_factory=list)
     pixels: int = 0
     reasons: dict[int, str] = field(default_factory=dict)
 
-    def add_image(self, index: int, img: Image.Image) -> None:
+    def add_image(self, index: int, img: OpenedImage) -> None:
         self.images.append((index, img))
         self.pixels += img.width * img.height
         if self.pixels > self.max_request_pixels:
@@ -100,7 +100,7 @@ def parse_json(
             if item.image is not None:
                 if not isinstance(spec, ImageInput):
                     raise InputError(_not_image(manifest))
-                parsed.add_image(i, open_image(base64_image_bytes(item.image), max_pixels))
+                parsed.add_image(i, open_image(base64_image_bytes(item.image), spec, max_pixels))
             elif item.array is not None:
                 parsed.x[i] = _array(item.array, spec)
             else:
@@ -125,7 +125,7 @@ def parse_images(
     for i, data in enumerate(images):
         parsed.kinds.append("image")
         try:
-            parsed.add_image(i, open_image(data, max_pixels))
+            parsed.add_image(i, open_image(data, spec, max_pixels))
         except InputError as e:
             errors.append(f"inputs[{i}]: {e}")
     return _checked(parsed, errors)

@@ -9,11 +9,14 @@ from PIL import Image
 from gansentry.manifest import Column, ImageInput, TabularInput, TabularPreprocessing
 from gansentry.preprocessing import (
     InputError,
+    PlainPng,
     array_to_png,
     decode_image,
     encode_columns,
     encode_record,
     fit_tabular,
+    image_to_array,
+    open_image,
     uint8_batch_to_array,
 )
 
@@ -47,6 +50,40 @@ def test_png_roundtrip_of_reconstruction():
     x = np.linspace(0, 1, 32 * 32, dtype=np.float32).reshape(1, 32, 32)
     back = decode_image(array_to_png(x), GREY32)
     assert np.max(np.abs(back - x)) <= 0.5 / 255 + 1e-6
+
+
+RGB32 = ImageInput(channels=3, height=32, width=32)
+
+
+@pytest.mark.parametrize("spec", [GREY32, RGB32])
+@pytest.mark.parametrize("size", [(32, 32), (28, 28), (20, 44), (128, 128), (129, 128)])
+def test_small_plain_pngs_decode_to_the_pixels_pillow_gives(spec, size):
+    """The libspng path for small 8-bit PNGs in the model's layout must give exactly what
+    Pillow gives for the same file, at the model's size and resized; larger ones, and PNGs
+    of the other layout, go through Pillow."""
+    rng = np.random.default_rng(size[0])
+    shape = (size[1], size[0]) if spec.channels == 1 else (size[1], size[0], 3)
+    data = _png(rng.integers(0, 256, size=shape, dtype=np.uint8))
+    opened = open_image(data, spec)
+    assert isinstance(opened, PlainPng) == (size[0] * size[1] <= 128 * 128)
+    other = RGB32 if spec.channels == 1 else GREY32
+    with Image.open(io.BytesIO(data)) as img:
+        by_pillow, other_by_pillow = image_to_array(img, spec), image_to_array(img, other)
+    fast = decode_image(data, spec)
+    assert fast.shape == spec.shape and fast.dtype == np.float32
+    np.testing.assert_array_equal(fast, by_pillow)
+    assert not isinstance(open_image(data, other), PlainPng)
+    np.testing.assert_array_equal(decode_image(data, other), other_by_pillow)
+
+
+def test_a_plain_png_that_libspng_refuses_gets_pillows_verdict():
+    data = _png(np.zeros((28, 28), np.uint8))
+    truncated = data[: len(data) - 20]
+    assert isinstance(open_image(truncated, GREY32), PlainPng)  # its header is intact
+    with pytest.raises(InputError, match="truncated or corrupt"):
+        decode_image(truncated, GREY32)
+    with pytest.raises(InputError, match="over the limit"):
+        open_image(data, GREY32, max_pixels=28 * 28 - 1)
 
 
 def test_undecodable_and_oversized_images_are_input_errors():
