@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -307,9 +308,13 @@ def wrk(
     subprocess.run([*base[:2], "-d3s", *base[2:]], capture_output=True, check=True)  # warm-up
     load = os.getloadavg()[0]
     cpu = cpu_seconds(server_pid)
+    batches = batch_totals(url) if server_pid is not None else None
+    machine, started = machine_cpu(), time.perf_counter()
     out = subprocess.run(
         [*base[:2], f"-d{seconds}s", *base[2:]], capture_output=True, text=True, check=True
     ).stdout
+    wall = time.perf_counter() - started
+    idle = tuple(after - before for before, after in zip(machine, machine_cpu(), strict=True))
     result = {**parse_wrk(out), "load_avg_1m_before": round(load, 2)}
     if server_pid is not None and result["requests"]:
         used = [(after - before) * 1000 / result["requests"] for before, after in zip(
@@ -317,7 +322,39 @@ def wrk(
         )]  # fmt: skip
         result["server_cpu_ms_per_request"] = round(used[0], 3)
         result["event_loop_cpu_ms_per_request"] = round(used[1], 3)
+        assert batches is not None
+        ort_s, n_batches, items = (b - a for a, b in zip(batches, batch_totals(url), strict=True))
+        # Why single-input throughput stops where it does: the share of the run that ONNX
+        # Runtime was computing, and how much of the machine's CPU nobody used.
+        result["ort_busy_fraction"] = round(ort_s / wall, 3)
+        result["mean_batch"] = round(items / n_batches, 1) if n_batches else None
+    result["cpu_idle_fraction"] = round(idle[0] / idle[1], 3) if idle[1] else None
     return result
+
+
+def batch_totals(url: str) -> tuple[float, float, float]:
+    """The server's ONNX Runtime seconds, batches and batched items so far (/metrics)."""
+    base = url.split("/", 3)
+    text = urllib.request.urlopen(f"{base[0]}//{base[2]}/metrics", timeout=10).read().decode()
+
+    def total(name: str) -> float:
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith(name + "{")
+        )
+
+    return (
+        total("gansentry_inference_duration_seconds_sum"),
+        total("gansentry_batch_size_count"),
+        total("gansentry_batch_size_sum"),
+    )
+
+
+def machine_cpu() -> tuple[int, int]:
+    """Idle and total CPU time of the whole machine so far, in clock ticks (/proc/stat)."""
+    ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return ticks[3] + ticks[4], sum(ticks[:8])  # idle + iowait; user .. steal
 
 
 def cpu_seconds(pid: int | None) -> tuple[float, float]:
@@ -544,7 +581,9 @@ def markdown(result: dict[str, Any]) -> str:
         "Server CPU ms/req: the gansentry process's CPU time (all threads, ONNX Runtime's "
         "included) over the requests answered; event loop: its main thread's alone, the "
         "per-request cost that limits single-input throughput. Other work on the machine "
-        "moves both less than the rates.",
+        "moves both less than the rates. ORT busy: the share of the run ONNX Runtime spent "
+        "computing batches (from the server's /metrics); CPU idle: the machine's CPU time "
+        "that nothing used during the run (/proc/stat).",
         "",
         "| raw ONNX Runtime, in process | images/s | median ms per batch |",
         "|---|---:|---:|",
@@ -555,8 +594,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines += [
         "",
         "| server run | req/s | images/s | p50 ms | p90 ms | p99 ms | non-2xx | load avg "
-        "| server CPU ms/req | event loop CPU ms/req |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| server CPU ms/req | event loop CPU ms/req | ORT busy | mean batch | CPU idle |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     labels = {
         "gansentry_batched_single": "gansentry, batching (max 32)",
@@ -576,7 +615,9 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {label} | {r['requests_per_s']:.0f} | {images:.0f} | {r['p50_ms']} | "
             f"{r.get('p90_ms')} | {r['p99_ms']} | {r['non_2xx']} | {r['load_avg_1m_before']} | "
             f"{r.get('server_cpu_ms_per_request', '')} | "
-            f"{r.get('event_loop_cpu_ms_per_request', '')} |"
+            f"{r.get('event_loop_cpu_ms_per_request', '')} | "
+            f"{_share(r.get('ort_busy_fraction'))} | "
+            f"{r.get('mean_batch') or ''} | {_share(r.get('cpu_idle_fraction'))} |"
         )
     lines += ["", "| target (issues 3, 17) | measured | rule | met |", "|---|---:|---|---|"]
     for t in result["targets"]:
@@ -595,6 +636,10 @@ def markdown(result: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _share(fraction: float | None) -> str:
+    return "" if fraction is None else f"{fraction:.0%}"
 
 
 def markdown_all(results: list[dict[str, Any]]) -> str:
