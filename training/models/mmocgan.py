@@ -54,13 +54,13 @@ from training.models.blocks import (
     init_weights,
     mlp,
 )
-from training.models.registry import Hparams, ImageHparams, register
+from training.models.registry import FeatureGaussianHparams, Hparams, ImageHparams, register
 
 Conditioning = Literal["cat", "mix"]
-ScoreMethod = Literal["discriminator", "knn"]
+ScoreMethod = Literal["discriminator", "knn", "feature-mahalanobis"]
 
 
-class _Complementary(Hparams):
+class _Complementary(Hparams, FeatureGaussianHparams):
     """The paper's best m (Table 2) and OCAN's loss weights."""
 
     modes: int = 10
@@ -76,7 +76,8 @@ class _Complementary(Hparams):
     # `discriminator`: the paper's score, D's probability of not normal. `knn` (the
     # default on tables and images, see their classes): the distance from D's hidden
     # features of x to the nearest training normal's, the score every architecture offers
-    # (`NearestCode`).
+    # (`NearestCode`). `feature-mahalanobis`: a Gaussian over D's hidden features, the
+    # other architectures' natural-photo recipe with their encoders' features.
     score_method: ScoreMethod = "knn"
     knn_max_reference: int = 50_000
     # 0 (or at least their width): compare D's features whole; k: in their first k
@@ -182,6 +183,7 @@ class _TabularD(nn.Module):
         self.features = mlp([features, *hidden], dropout=dropout, last_act=True)
         self.head = nn.Linear(hidden[-1], 1)
         self.feature_dim = hidden[-1]
+        self.pooled_dims: list[int] = []  # no spatial layers to pool
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         f = self.features(x)
@@ -235,6 +237,7 @@ class MMOCGAN(AnomalyGAN):
             self.disc = _TabularD(f, h["d_hidden"], h["d_dropout"])
             self.gen = mlp([g_in, h["g_hidden"], f])
         self.q = nn.Linear(self.disc.feature_dim, m)
+        self._init_feature_gaussian(self.disc)  # D's features stand in for an encoder's
         if self.knn_scored:  # its codes are D's features, not a latent_dim-sized code
             self.nearest = NearestCode(
                 self.disc.feature_dim, h["knn_components"], relative=h["knn_relative"]
@@ -358,9 +361,16 @@ class MMOCGAN(AnomalyGAN):
     # -- scoring -------------------------------------------------------------------
     def score(self, x: Tensor) -> tuple[Tensor, None]:
         """D's probability that x is a complementary sample, not a normal; or, with `knn`,
-        the distance of D's features of x to the nearest training normal's."""
+        the distance of D's features of x to the nearest training normal's; or, with
+        `feature-mahalanobis`, their distance from the training normals' Gaussian."""
+        if self.feature_scored:
+            _, f, pooled = self._encode(self.disc, self.to_model_space(x))
+            return self.feature_score(x, f, pooled), None
         logit, f = self._disc(self.to_model_space(x))
         return (self.nearest(f) if self.knn_scored else torch.sigmoid(logit)), None
+
+    def features(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        return self._encode(self.disc, self.to_model_space(x))[1:]
 
     def selection_metric(self, x: Tensor) -> Tensor:
         # D's probability whatever the score method: the knn score needs fitting first.
