@@ -358,16 +358,25 @@ def machine_cpu() -> tuple[int, int]:
 
 
 def cpu_seconds(pid: int | None) -> tuple[float, float]:
-    """CPU time (user and system) of a process, all its threads, and of its main thread,
-    which runs the event loop (Linux /proc)."""
+    """CPU time (user and system) of a server, all threads of it and of its child processes
+    (`--processes`), and of their main threads, which run the event loops (Linux /proc)."""
     if pid is None:
         return 0.0, 0.0
+    import psutil
 
     def read(stat: str) -> float:
         fields = Path(stat).read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-    return read(f"/proc/{pid}/stat"), read(f"/proc/{pid}/task/{pid}/stat")
+    pids = [pid, *(c.pid for c in psutil.Process(pid).children(recursive=True))]
+    total = loops = 0.0
+    for p in pids:
+        try:
+            total += read(f"/proc/{p}/stat")
+            loops += read(f"/proc/{p}/task/{p}/stat")
+        except FileNotFoundError:  # a child that ended meanwhile
+            continue
+    return total, loops
 
 
 def parse_wrk(text: str) -> dict[str, Any]:
@@ -468,6 +477,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 record(
                     "gansentry_half_load_lockstep", half_load(url, one, work, args, target, False)
                 )
+        if args.processes > 1:
+            with gansentry_server(
+                models_dir, work, max_batch_size=32, max_batch_delay_ms=delay,
+                processes=args.processes, **common,
+            ) as s:  # fmt: skip
+                url = f"http://127.0.0.1:{s.port}/score"
+                record(
+                    "gansentry_processes_single",
+                    wrk(url, one, work, secs, conns, server_pid=s.pid),
+                )
+                record(
+                    "gansentry_processes_v2_binary_single",
+                    wrk(
+                        f"http://127.0.0.1:{s.port}/v2/models/{name}/infer",
+                        v2_body,
+                        work,
+                        secs,
+                        conns,
+                        server_pid=s.pid,
+                    ),  # fmt: skip
+                )
         if args.quick:
             return summarise(args, manifest, image_desc, raw, runs)
         with gansentry_server(
@@ -507,6 +537,9 @@ def summarise(
 
     batched = rate("gansentry_batched_single")
     v2 = rate("gansentry_v2_binary_single")
+    procs = rate("gansentry_processes_single")
+    procs_v2 = rate("gansentry_processes_v2_binary_single")
+    n = args.processes
     unbatched = rate("gansentry_unbatched_single")
     many = rate("gansentry_64_images", "images_per_s")
     lit = rate("litserve_batched_single")
@@ -516,6 +549,8 @@ def summarise(
     targets = [
         ("single-image JSON req/s vs raw ORT at batch 32", batched, b32, 0.5, ">= 0.5x"),
         ("single-input v2 binary req/s vs raw ORT at batch 32", v2, b32, 0.6, ">= 0.6x"),
+        (f"the same JSON, `--processes {n}`", procs, b32, 0.5, ">= 0.5x"),
+        (f"the same v2 binary, `--processes {n}`", procs_v2, b32, 0.6, ">= 0.6x"),
         ("batched vs max_batch_size=1", batched, unbatched, 1.3, ">= 1.3x"),
         ("64-image requests: images/s vs raw ORT at batch 64", many, b64, 0.6, ">= 0.6x"),
         ("gansentry vs LitServe, single-image req/s", batched, lit, 1.3, ">= 1.3x"),
@@ -549,6 +584,7 @@ def summarise(
             "max_batch_delay_ms": args.max_batch_delay_ms,
             "providers": args.providers,
             "quick": args.quick,
+            "processes": args.processes,
             "server_settings": args.setting,
         },
         "raw_onnx_runtime": raw,
@@ -578,12 +614,13 @@ def markdown(result: dict[str, Any]) -> str:
         f"average before each run in the table). Load: `wrk -t1 -c{s['connections']} "
         f"-d{s['seconds']}s` after a 3 s warm-up, one {result['request_image']} PNG per request "
         f"(base64 JSON) unless stated; `max_batch_delay_ms` {s['max_batch_delay_ms']:g}. "
-        "Server CPU ms/req: the gansentry process's CPU time (all threads, ONNX Runtime's "
-        "included) over the requests answered; event loop: its main thread's alone, the "
-        "per-request cost that limits single-input throughput. Other work on the machine "
-        "moves both less than the rates. ORT busy: the share of the run ONNX Runtime spent "
-        "computing batches (from the server's /metrics); CPU idle: the machine's CPU time "
-        "that nothing used during the run (/proc/stat).",
+        "Server CPU ms/req: the gansentry processes' CPU time (all threads, ONNX Runtime's "
+        "included) over the requests answered; event loop: their main threads' alone, the "
+        "per-request cost that limits single-input throughput (one event loop per process; "
+        "`--processes N` runs N, each with its share of the CPUs as ONNX Runtime threads). "
+        "Other work on the machine moves both less than the rates. ORT busy: the share of "
+        "the run ONNX Runtime spent computing batches (from the server's /metrics); CPU "
+        "idle: the machine's CPU time that nothing used during the run (/proc/stat).",
         "",
         "| raw ONNX Runtime, in process | images/s | median ms per batch |",
         "|---|---:|---:|",
@@ -600,6 +637,10 @@ def markdown(result: dict[str, Any]) -> str:
     labels = {
         "gansentry_batched_single": "gansentry, batching (max 32)",
         "gansentry_v2_binary_single": "gansentry, batching (max 32), KServe v2 binary FP32 tensor",
+        "gansentry_processes_single": f"gansentry `--processes {s.get('processes', 1)}`, batching "
+        "(max 32 per process)",
+        "gansentry_processes_v2_binary_single": f"gansentry `--processes {s.get('processes', 1)}`, "
+        "KServe v2 binary FP32 tensor",
         "gansentry_unbatched_single": "gansentry, max_batch_size=1",
         "gansentry_64_images": "gansentry, 64 images per request (max 64)",
         "gansentry_half_load_single": "gansentry, batching, half peak, random arrivals",
@@ -676,6 +717,13 @@ def main() -> int:
         action="store_true",
         help="for A/B runs: 5 s runs, 2 s of raw ORT, and only the batched JSON and v2 "
         "binary runs (the ratios to raw ORT); writes no results file unless --out is given",
+    )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="also run the JSON and v2 loads against `gansentry serve --processes N` "
+        "(default: one per CPU; 1 leaves those runs out)",
     )
     parser.add_argument(
         "--setting",

@@ -33,13 +33,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def configure_logging(level: int) -> None:
+    """The one log format of every gansentry process (`serve --processes` children too)."""
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(logging.DEBUG if args.verbose else logging.INFO)
     run: Command = args.run
     try:
         return int(run(args) or 0)

@@ -1,8 +1,8 @@
 """The FastAPI application: `create_app(settings)` wires the model registry, the batching
 backend, API keys, the body limit and the routes.
 
-One process per container (scale with replicas): the registry, the batcher and the
-Prometheus metrics all live in this process, so no multiprocess metrics mode is needed."""
+The registry and the batcher live in this process; `gansentry serve --processes N` runs N
+such apps on one port (`service/processes.py`), and scaling out is replicas."""
 
 from __future__ import annotations
 

@@ -26,8 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve = sub.add_parser(
         "serve",
         help="serve the models over HTTP (POST /score)",
-        description="Start the scoring API with uvicorn: one process; scale out with replicas "
-        "(or GANSENTRY_REDIS_URL and `gansentry worker` processes).",
+        description="Start the scoring API with uvicorn: one process, or --processes N on one "
+        "port; scale out with replicas (or GANSENTRY_REDIS_URL and `gansentry worker` "
+        "processes).",
     )
     serve.add_argument(
         "--batching",
@@ -36,6 +37,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     serve.add_argument("--host", help="bind address (GANSENTRY_HOST, default 0.0.0.0)")
     serve.add_argument("--port", type=int, help="port (GANSENTRY_PORT, default 8000)")
+    serve.add_argument(
+        "--processes",
+        type=int,
+        help="serving processes sharing the port, each with its share of the CPUs "
+        "(GANSENTRY_PROCESSES, default 1; on a CPU, one per core serves small models fastest)",
+    )
     _add_common(serve)
     serve.add_argument(
         "--api-keys-file",
@@ -120,7 +127,9 @@ def settings_from_args(args: argparse.Namespace, extra: dict[str, str]) -> Any:
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from gansentry.cli import CliError
     from service.app import create_app
+    from service.processes import StartError, Supervisor
 
     settings = settings_from_args(
         args,
@@ -128,11 +137,17 @@ def run_serve(args: argparse.Namespace) -> int:
             "batching": "batching",
             "host": "host",
             "port": "port",
+            "processes": "processes",
             "api_keys_file": "api_keys_file",
             "admin_keys_file": "admin_keys_file",
             "log_level": "log_level",
         },
     )
+    if settings.processes > 1:
+        try:
+            return Supervisor(settings, access_log=args.access_log).run()
+        except StartError as e:
+            raise CliError(str(e)) from None
     uvicorn.run(
         create_app(settings),
         host=settings.host,

@@ -2,13 +2,23 @@
 Grafana dashboard and the alert rules agree on names and labels.
 
 Scores differ in scale between models, so the drift histogram records score / threshold:
-1.0 is the decision boundary for every model."""
+1.0 is the decision boundary for every model.
+
+Under `gansentry serve --processes N` prometheus-client keeps every counter, histogram and
+gauge in the multiprocess files (`PROMETHEUS_MULTIPROC_DIR`) and `/metrics` reports their
+sum over the processes (`exposition()`); each gauge says how its processes' values
+combine (`multiprocess_mode`, ignored in one process)."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import prometheus_client
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 
 
 class _KeptChildren:
@@ -83,7 +93,9 @@ REQUEST_LATENCY = Histogram(
     buckets=LATENCY_BUCKETS,
 )
 INPUTS = Counter("gansentry_inputs_total", "Inputs scored", ["model"])
-IN_FLIGHT = Gauge("gansentry_requests_in_flight", "Scoring requests being handled")
+IN_FLIGHT = Gauge(
+    "gansentry_requests_in_flight", "Scoring requests being handled", multiprocess_mode="livesum"
+)
 
 # --- batching (embedded batcher in the API, or a worker)
 BATCH_SIZE = Histogram(
@@ -101,9 +113,16 @@ INFERENCE_LATENCY = Histogram(
     ["model", "provider"],
     buckets=LATENCY_BUCKETS,
 )
-QUEUE_DEPTH = Gauge("gansentry_queue_depth", "Items waiting to be batched", ["model"])
+# Through Redis every process reads the same stream, so the processes' values are one value
+# (max); embedded, each process has its own queue, and the deepest one is reported.
+QUEUE_DEPTH = Gauge(
+    "gansentry_queue_depth", "Items waiting to be batched", ["model"], multiprocess_mode="livemax"
+)
 QUEUE_PENDING = Gauge(
-    "gansentry_queue_pending", "Redis entries delivered to a worker and not yet acked", ["model"]
+    "gansentry_queue_pending",
+    "Redis entries delivered to a worker and not yet acked",
+    ["model"],
+    multiprocess_mode="livemax",
 )
 REJECTED = Counter(
     "gansentry_rejected_total", "Requests refused before inference", ["model", "reason"]
@@ -129,16 +148,44 @@ UNEXPECTED_VALUES = Counter(
     "(kind: unknown_category, wrong_type, out_of_range)",
     ["model", "field", "kind"],
 )
-MODEL_INFO = Gauge(
-    "gansentry_model_info",
-    "1 for each loaded model version, with what serves it",
-    ["model", "version", "architecture", "provider"],
-)
+
+
+class ModelInfo(Collector):
+    """`gansentry_model_info`, answered from this process's list of loaded versions rather
+    than kept in a gauge: a version reloaded away must vanish from /metrics, which a
+    gauge's multiprocess file cannot do, and every serving process loads the same
+    repository, so the process that answers /metrics speaks for all."""
+
+    LABELS = ("model", "version", "architecture", "provider")
+
+    def __init__(self) -> None:
+        self._series: list[tuple[str, str, str, str]] = []
+
+    def set(self, series: Iterable[tuple[str, str, str, str]]) -> None:
+        self._series = list(series)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "gansentry_model_info",
+            "1 for each loaded model version, with what serves it",
+            labels=self.LABELS,
+        )
+        for labels in self._series:
+            family.add_metric(labels, 1)
+        yield family
+
+
+MODEL_INFO = ModelInfo()
+prometheus_client.REGISTRY.register(MODEL_INFO)
 
 # --- workers (Redis mode)
-WORKERS_ALIVE = Gauge("gansentry_workers_alive", "Workers with a live heartbeat in Redis")
+WORKERS_ALIVE = Gauge(
+    "gansentry_workers_alive", "Workers with a live heartbeat in Redis", multiprocess_mode="livemax"
+)
 WORKER_HEARTBEAT = Gauge(
-    "gansentry_worker_heartbeat_timestamp_seconds", "Unix time of this worker's last heartbeat"
+    "gansentry_worker_heartbeat_timestamp_seconds",
+    "Unix time of this worker's last heartbeat",
+    multiprocess_mode="max",
 )
 RECLAIMED = Counter(
     "gansentry_reclaimed_total", "Queue entries taken over from a dead or stuck worker", ["model"]
@@ -154,3 +201,15 @@ DUPLICATES = Counter(
     "Redelivered entries whose answer had already been delivered (acked, not recomputed)",
     ["model"],
 )
+
+
+def exposition() -> bytes:
+    """The /metrics body: this process's metrics, or under several serving processes the
+    sum of all of theirs (read from the multiprocess files at each scrape, as
+    prometheus-client prescribes)."""
+    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        return prometheus_client.generate_latest()
+    registry = prometheus_client.CollectorRegistry()
+    MultiProcessCollector(registry)
+    registry.register(MODEL_INFO)
+    return prometheus_client.generate_latest(registry)

@@ -251,9 +251,9 @@ def publish_model_info(registry: Registry) -> None:
     a reload go. The API and the workers both call this after loading or reloading.
     Each model's non-finite-score counter is created at 0, so alerts and rate() see a
     series before the first one happens (counting resumes where it was after a reload)."""
-    metrics.MODEL_INFO.clear()
+    metrics.MODEL_INFO.set(
+        (m.ref.name, str(m.ref.version), m.manifest.architecture, m.provider)
+        for m in registry.all()
+    )
     for m in registry.all():
-        metrics.MODEL_INFO.labels(
-            m.ref.name, str(m.ref.version), m.manifest.architecture, m.provider
-        ).set(1)
         metrics.NONFINITE_SCORES.labels(m.ref.name)

@@ -21,9 +21,14 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535)
     models_dir: Path = Path("models")
     log_level: str = "info"
+    # Serving processes sharing the port (service/processes.py): on a CPU, small models
+    # need more than one event loop to keep ONNX Runtime busy.
+    processes: int = Field(1, ge=1, le=64, description="serving processes on the port")
 
     providers: Providers = "auto"
-    intra_op_threads: int = Field(0, ge=0, description="0 = the CPUs this process may use")
+    intra_op_threads: int = Field(
+        0, ge=0, description="0 = the CPUs this process may use (its share under serve --processes)"
+    )
     inter_op_threads: int = Field(1, ge=1)
     trt_cache_dir: Path = Path(".trt_cache")
     cuda_mem_limit_mb: int = Field(0, ge=0, description="0 = no limit")
@@ -90,7 +95,8 @@ class Settings(BaseSettings):
         return _read_keys(self.admin_keys, self.admin_keys_file)
 
     def ort_threads(self) -> int:
-        return self.intra_op_threads or available_cpus()
+        """Each serving process gets its share of the CPUs unless told otherwise."""
+        return self.intra_op_threads or max(1, available_cpus() // self.processes)
 
 
 def available_cpus() -> int:

@@ -286,6 +286,9 @@ def _exported_series() -> dict[str, set[str]]:
     """Sample name -> labels, for every metric service/metrics.py defines."""
     out: dict[str, set[str]] = {}
     for obj in vars(metrics).values():
+        if isinstance(obj, metrics.ModelInfo):  # a collector, not a client-library metric
+            out["gansentry_model_info"] = set(obj.LABELS)
+            continue
         if not isinstance(obj, Counter | Gauge | Histogram):
             continue
         labels = set(obj._labelnames)

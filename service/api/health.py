@@ -7,8 +7,9 @@ import logging
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
+from service import metrics
 from service.api import state
 from service.schemas import ReadyResponse
 from service.security import API_KEY_HEADER, key_matches
@@ -96,4 +97,4 @@ def _log_change(request: Request, reasons: list[str], details: list[str]) -> Non
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
 async def prometheus_metrics() -> Response:
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
