@@ -16,6 +16,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
+from starlette.datastructures import State
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gansentry import __version__
 from service.api import admin, health, models, score, state, v2
@@ -56,6 +58,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         registry = await asyncio.to_thread(Registry(settings.models_dir, settings).load)
     except ProviderError as e:
         log.critical("cannot start: %s", e)
+        app.state.start_error = f"cannot start: {e}"
         raise
     publish_model_info(registry)
     batcher = create_batcher(settings, registry)
@@ -101,6 +104,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Added first, so it runs inside the body limit (the last middleware added is outermost).
     app.add_middleware(ScoringRoutes, routers=[score.router, v2.router])
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(QuietStartFailure, state=app.state)
     app.include_router(score.router, tags=["scoring"])
     app.include_router(models.router, tags=["models"])
     app.include_router(health.router, tags=["operations"])
@@ -110,6 +114,33 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_exception_handler(exc, _handle)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
+
+
+class QuietStartFailure:
+    """A start-up refused for a reason already logged in one line (`start_error`: an
+    explicit GPU provider that does not load) reaches uvicorn without the traceback that
+    Starlette puts in the failure message, which uvicorn would log: the operator reads
+    the reason, not a stack. `gansentry serve` then exits with that reason as its error."""
+
+    def __init__(self, app: ASGIApp, state: State) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+
+        async def quiet(message: Message) -> None:
+            if message["type"] == "lifespan.startup.failed" and start_error(self.state):
+                message = {**message, "message": ""}
+            await send(message)
+
+        await self.app(scope, receive, quiet)
+
+
+def start_error(state: State) -> str | None:
+    return getattr(state, "start_error", None)
 
 
 async def _handle(request: Request, exc: Exception) -> JSONResponse:

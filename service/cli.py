@@ -128,7 +128,7 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from gansentry.cli import CliError
-    from service.app import create_app
+    from service.app import create_app, start_error
     from service.processes import StartError, Supervisor
 
     settings = settings_from_args(
@@ -148,14 +148,21 @@ def run_serve(args: argparse.Namespace) -> int:
             return Supervisor(settings, access_log=args.access_log).run()
         except StartError as e:
             raise CliError(str(e)) from None
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        access_log=args.access_log,
-        timeout_graceful_shutdown=10,
-    )
+    app = create_app(settings)
+    try:
+        uvicorn.run(
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_level=settings.log_level,
+            access_log=args.access_log,
+            timeout_graceful_shutdown=10,
+        )
+    except SystemExit:  # uvicorn's exit when the application did not start
+        reason = start_error(app.state)
+        if reason is not None:
+            raise CliError(reason) from None
+        raise
     return 0
 
 

@@ -157,6 +157,7 @@ def test_processes_refuse_a_taken_port_and_a_failed_start_in_one_line(
     last = log.read_text().strip().splitlines()[-1]
     assert last.startswith("gansentry serve: error: serving process ")
     assert "before it was serving" in last
+    assert "Traceback" not in log.read_text()
 
 
 def test_each_process_gets_its_share_of_the_cpus() -> None:
